@@ -1,0 +1,67 @@
+"""The one place that measures model size: parameter count, FLOPs, and parsing of "100k"-style budgets."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from robustnas.errors import UserError
+
+
+def count_params(model: nn.Module, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameters; shared tensors are counted once."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if trainable_only and not p.requires_grad:
+            continue
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """FLOPs of one forward pass on one image of `input_shape` (C, H, W), via torch's FlopCounterMode.
+
+    Runs in eval mode (restoring the caller's mode) so BatchNorm statistics are untouched.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    x = torch.zeros(1, *input_shape, device=device)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(x)
+    model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+_SUFFIX = {"": 1, "k": 1_000, "m": 1_000_000, "g": 1_000_000_000}
+
+
+def parse_count(text: str | int | float) -> int:
+    """Parse a size such as 100k, 2M, 1.5m, 250000 into an integer."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgG]?)\s*", str(text))
+    if not m:
+        raise UserError(f"cannot read size {text!r}: write a number with an optional k/M suffix, e.g. 100k or 2M")
+    return int(round(float(m.group(1)) * _SUFFIX[m.group(2).lower()]))
+
+
+def format_count(n: int) -> str:
+    """Human form of a count: 98.3k, 2.01M."""
+    if n >= 1_000_000:
+        return f"{n / 1e6:.2f}M"
+    if n >= 1_000:
+        return f"{n / 1e3:.1f}k"
+    return str(n)
