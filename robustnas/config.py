@@ -1,0 +1,150 @@
+"""Settings of every command as pydantic models, YAML loading, and epsilon parsing: one place for defaults."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from robustnas.errors import UserError
+
+
+# ----------------------------------------------------------------------------------------------- epsilon
+def parse_eps(value: str | float | int) -> float:
+    """Read an epsilon written as 0.1, "0.1" or "8/255" (pixel units, inputs in [0,1])."""
+    if isinstance(value, (int, float)):
+        eps = float(value)
+    else:
+        text = str(value).strip()
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*/\s*([0-9]*\.?[0-9]+)", text)
+        try:
+            eps = float(m.group(1)) / float(m.group(2)) if m else float(text)
+        except (ValueError, ZeroDivisionError):
+            raise UserError(f"cannot read epsilon {value!r}: write it as a number like 0.1 or a fraction like 8/255")
+    if not math.isfinite(eps) or eps < 0 or eps > 1:
+        raise UserError(f"epsilon {value!r} is out of range: pixels are in [0,1], so eps must be in [0, 1]")
+    return eps
+
+
+def format_eps(eps: float) -> str:
+    """The conventional string of an epsilon: "8/255" when it is k/255, else the shortest decimal."""
+    k = eps * 255
+    if abs(k - round(k)) < 1e-6 and round(k) not in (0, 255) and abs(eps * 10 - round(eps * 10)) > 1e-9:
+        return f"{int(round(k))}/255"
+    return f"{eps:g}"
+
+
+# ----------------------------------------------------------------------------------------------- models
+class Base(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+AdvKind = Literal["none", "pgd", "trades", "fgsm-rs"]
+
+
+class DataConfig(Base):
+    dataset: str = "digits"
+    data_dir: Optional[str] = None
+    subset: Optional[int] = Field(default=None, gt=0)
+    val_size: float = Field(default=0.1, gt=0)
+
+
+class AttackConfig(Base):
+    """The threat model shared by training, validation and evaluation."""
+
+    eps: Optional[str] = None  # None: the dataset's default
+    norm: Literal["Linf", "L2"] = "Linf"
+    steps: int = Field(default=10, ge=1)
+    step_size: Optional[str] = None  # None: 2.5 * eps / steps
+
+    @field_validator("eps", "step_size", mode="before")
+    @classmethod
+    def _check_eps(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        parse_eps(v)
+        return str(v)
+
+
+class TrainConfig(Base):
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    lr: float = Field(default=0.05, gt=0)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: Literal["cosine", "piecewise", "constant"] = "cosine"
+    warmup_epochs: float = Field(default=0.0, ge=0)
+    adv: AdvKind = "pgd"
+    trades_beta: float = 6.0
+    attack: AttackConfig = AttackConfig()
+    # model selection on robust validation accuracy counters robust overfitting
+    select: Literal["robust", "clean", "last"] = "robust"
+    val_steps: int = Field(default=10, ge=1)
+    val_n: int = Field(default=1000, ge=1)
+    grad_clip: Optional[float] = None
+
+
+class ArchConfig(Base):
+    arch: str = "cnn"
+    params: Optional[str] = None  # e.g. "100k": picks the width
+    width: Optional[float] = None
+    C: Optional[int] = None       # genotype networks: initial channels
+    layers: Optional[int] = None  # genotype networks: number of cells
+
+
+class TrainCommand(Base):
+    """`robustnas train`."""
+
+    name: Optional[str] = None
+    seed: int = 0
+    device: str = "auto"
+    out: Optional[str] = None
+    data: DataConfig = DataConfig()
+    model: ArchConfig = ArchConfig()
+    train: TrainConfig = TrainConfig()
+    test_pgd_steps: int = 20
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}")
+    if not isinstance(data, dict):
+        raise UserError(f"config file {p} must hold a mapping at the top level")
+    return data
+
+
+def deep_update(base: dict, override: dict) -> dict:
+    """Nested dict merge: values in `override` win; None values in `override` are skipped."""
+    out = dict(base)
+    for k, v in override.items():
+        if v is None:
+            continue
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_update(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def validate(model_cls: type[BaseModel], data: dict) -> Any:
+    """Build a settings model, turning pydantic's report into one line naming the field."""
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise UserError(f"bad setting {where}: {err['msg']}")
+
+
+def to_yaml(settings: BaseModel) -> str:
+    return yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False)
