@@ -49,6 +49,7 @@ AdvKind = Literal["none", "pgd", "trades", "fgsm-rs"]
 class DataConfig(Base):
     dataset: str = "digits"
     data_dir: Optional[str] = None
+    fallback: Optional[str] = None  # dataset to use, with a warning, when `dataset` is not installed
     subset: Optional[int] = Field(default=None, gt=0)
     val_size: float = Field(default=0.1, gt=0)
 
@@ -108,6 +109,7 @@ class TrainCommand(Base):
     model: ArchConfig = ArchConfig()
     train: TrainConfig = TrainConfig()
     test_pgd_steps: int = 20
+    test_n: int = Field(default=1000, ge=1)
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -129,8 +131,8 @@ def deep_update(base: dict, override: dict) -> dict:
     for k, v in override.items():
         if v is None:
             continue
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_update(out[k], v)
+        if isinstance(v, dict):
+            out[k] = deep_update(out.get(k) if isinstance(out.get(k), dict) else {}, v)
         else:
             out[k] = v
     return out

@@ -1,0 +1,93 @@
+"""Turn an `--arch` string into a model: a hand-crafted name, a published genotype name, or a genotype JSON.
+
+A model's spec (model.json) is the dict that rebuilds it; `model_from_spec` is the inverse of `build_arch`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from torch import nn
+
+from robustnas.data import DatasetMeta
+from robustnas.errors import UserError
+from robustnas.size import count_params
+
+# sizes a genotype network gets when neither C nor a parameter budget is given (CPU-sized)
+DEFAULT_C = 16
+DEFAULT_LAYERS = 8
+
+
+def is_genotype_arch(arch: str) -> bool:
+    from robustnas.genotypes import published_names
+
+    return arch in published_names() or arch.endswith(".json") or Path(arch).is_file()
+
+
+def known_archs() -> list[str]:
+    from robustnas.genotypes import published_names
+    from robustnas.models import list_models
+
+    return list_models() + published_names()
+
+
+def build_arch(arch: str, meta: DatasetMeta, params: Optional[int] = None, width: Optional[float] = None,
+               C: Optional[int] = None, layers: Optional[int] = None, **net_kw) -> tuple[nn.Module, dict]:
+    """Build the network named by `arch` for a dataset; `params` picks the width (or C) to meet a budget."""
+    from robustnas.models import MODELS, build_model
+
+    if arch in MODELS:
+        model = build_model(arch, meta.num_classes, meta.shape, meta.mean, meta.std, width=width, params=params)
+        return model, {"kind": "handcrafted", "config": model.config}
+    if is_genotype_arch(arch):
+        from robustnas.genotypes import load_genotype
+
+        genotype = load_genotype(arch)
+        layers = layers or DEFAULT_LAYERS
+        if C is None:
+            C = channels_for_params(genotype, meta, layers, params, **net_kw) if params else DEFAULT_C
+        spec = {"kind": "genotype", "genotype": genotype.to_dict(), "C": C, "layers": layers,
+                "num_classes": meta.num_classes, "in_shape": list(meta.shape), "mean": list(meta.mean),
+                "std": list(meta.std), **net_kw}
+        return model_from_spec(spec), spec
+    raise UserError(f"unknown architecture {arch!r}: use one of {', '.join(known_archs())}, "
+                    f"or a path to a genotype JSON")
+
+
+def channels_for_params(genotype, meta: DatasetMeta, layers: int, params: int, **net_kw) -> int:
+    """Smallest-error initial channel count C for a parameter budget (params grow monotonically with C)."""
+    from robustnas.genotypes import build_network
+
+    def size(c: int) -> int:
+        return count_params(build_network(genotype, C=c, layers=layers, num_classes=meta.num_classes,
+                                          in_shape=meta.shape, mean=meta.mean, std=meta.std, **net_kw))
+
+    lo, hi = 1, 2
+    while size(hi) < params:
+        lo, hi = hi, hi * 2
+        if hi > 4096:
+            raise UserError(f"a budget of {params} parameters is beyond reach for {layers} cells")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if size(mid) < params else (lo, mid)
+    best = min((lo, hi), key=lambda c: abs(size(c) - params))
+    if abs(size(best) - params) > 0.1 * params:
+        raise UserError(f"no channel count gets {layers} cells within 10% of {params} parameters "
+                        f"(closest: C={best} with {size(best)}); change --layers")
+    return best
+
+
+def model_from_spec(spec: dict) -> nn.Module:
+    kind = spec.get("kind")
+    if kind == "handcrafted":
+        from robustnas.models import model_from_config
+
+        return model_from_config(spec["config"])
+    if kind == "genotype":
+        from robustnas.genotypes import build_network
+        from robustnas.spaces.darts import Genotype
+
+        kw = {k: v for k, v in spec.items() if k not in ("kind", "genotype", "in_shape")}
+        return build_network(Genotype.from_dict(spec["genotype"]), in_shape=tuple(spec["in_shape"]), **kw)
+    raise UserError(f"model.json has unknown kind {kind!r}; expected 'handcrafted' or 'genotype'")

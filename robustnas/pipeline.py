@@ -1,0 +1,79 @@
+"""The commands' work, end to end, so that the CLI only parses: `train_run` (dataset -> model -> Trainer -> run dir)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from robustnas.arch import build_arch
+from robustnas.attacks import accuracy, pgd, robust_accuracy
+from robustnas.config import DataConfig, TrainCommand, format_eps, parse_eps, to_yaml
+from robustnas.data import Dataset, load_dataset
+from robustnas.errors import UserError
+from robustnas.rundir import atomic_write_text, save_model, write_json
+from robustnas.size import count_flops, count_params, parse_count
+from robustnas.training import Trainer, resolve_device
+
+
+def load_data(cfg: DataConfig, seed: int) -> Dataset:
+    """The configured dataset, or its fallback (with a warning) when it is not installed."""
+    kw = dict(data_dir=cfg.data_dir, val_size=cfg.val_size, subset=cfg.subset, seed=seed)
+    try:
+        return load_dataset(cfg.dataset, **kw)
+    except UserError as e:
+        if not cfg.fallback:
+            raise
+        Console(stderr=True).print(f"[yellow]warning:[/] {e} -- using {cfg.fallback} instead", highlight=False)
+        return load_dataset(cfg.fallback, **kw)
+
+
+def default_run_name(cmd: TrainCommand) -> str:
+    return f"{cmd.model.arch.replace('/', '_').removesuffix('.json')}-{cmd.data.dataset}-{cmd.train.adv}-s{cmd.seed}"
+
+
+def train_run(cmd: TrainCommand, resume: bool = False, progress: bool = True) -> dict:
+    """Train one architecture as `cmd` says; write the run directory; return its metrics."""
+    # everything that can be wrong with the input is checked before the run directory exists
+    device = resolve_device(cmd.device)
+    data = load_data(cmd.data, cmd.seed)
+    eps = parse_eps(cmd.train.attack.eps if cmd.train.attack.eps is not None else data.meta.eps)
+    torch.manual_seed(cmd.seed)
+    params = parse_count(cmd.model.params) if cmd.model.params else None
+    model, spec = build_arch(cmd.model.arch, data.meta, params=params, width=cmd.model.width,
+                             C=cmd.model.C, layers=cmd.model.layers)
+    out = Path(cmd.out) if cmd.out else Path("runs") / (cmd.name or default_run_name(cmd))
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise UserError(f"run directory {out} already exists: pass --resume to continue it, or another --out")
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", to_yaml(cmd))
+    trainer = Trainer(model, data, cmd.train, eps, seed=cmd.seed, device=device, out_dir=out, progress=progress)
+    t0 = time.perf_counter()
+    result = trainer.fit(resume=resume)
+    train_seconds = time.perf_counter() - t0
+    save_model(out, model, spec)
+    atomic_write_text(out / "train.jsonl", "".join(json.dumps(asdict(h)) + "\n" for h in result.history))
+
+    n = min(cmd.test_n, len(data.test.x))
+    x, y = data.test.x[:n].to(device), data.test.y[:n].to(device)
+    torch.manual_seed(cmd.seed)
+    clean = accuracy(model, x, y)
+    steps = cmd.test_pgd_steps
+    rob = robust_accuracy(model, x, y, lambda xb, yb: pgd(model, xb, yb, eps, steps=steps,
+                                                          norm=cmd.train.attack.norm))
+    metrics = {
+        "dataset": data.meta.name, "eps": format_eps(eps), "norm": cmd.train.attack.norm, "n": n,
+        "clean_acc": clean, "robust_acc": {f"pgd{steps}": rob},
+        "params": count_params(model), "flops": count_flops(model, data.meta.shape),
+        "train": {"adv": cmd.train.adv, "epochs": cmd.train.epochs, "best_epoch": result.best_epoch,
+                  "best_val_clean": result.best_val_clean, "best_val_robust": result.best_val_robust,
+                  "seconds": train_seconds},
+    }
+    write_json(out / "metrics.json", metrics)
+    metrics["run_dir"] = str(out)
+    return metrics
