@@ -1,0 +1,81 @@
+"""Genotypes by name or file: the published architectures ship inside the package
+(published_genotypes.json, a copy of the project's shared list), and any genotype JSON file loads
+the same way. `build_network` turns a genotype into the final network of its space."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+from torch import nn
+
+from robustnas.errors import UserError
+from robustnas.spaces.arnas import ArnasNetwork
+from robustnas.spaces.darts import Genotype, Network
+
+_NETWORKS: dict[str, type[Network]] = {"darts": Network, "arnas": ArnasNetwork}
+
+
+@lru_cache(maxsize=1)
+def _published() -> dict[str, Any]:
+    text = resources.files("robustnas").joinpath("published_genotypes.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def published_names() -> list[str]:
+    return list(_published())
+
+
+def load_genotype(name_or_path: str | os.PathLike) -> Genotype:
+    """A published genotype by name (see published_names()) or a genotype JSON file by path."""
+    key = os.fspath(name_or_path)
+    published = _published()
+    if key in published:
+        return Genotype.from_dict(published[key])
+    path = Path(key)
+    if path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"cannot read genotype file {key}: {e.strerror}") from None
+        try:
+            return Genotype.from_json(text)
+        except UserError as e:
+            raise UserError(f"{key}: {e}") from None
+    if key.endswith(".json") or os.sep in key or "/" in key:
+        raise UserError(f"genotype file not found: {key}")
+    raise UserError(f"unknown genotype {key!r}: use a path to a genotype JSON file or one of the published "
+                    f"names: {', '.join(published)}")
+
+
+def save_genotype(genotype: Genotype, path: str | os.PathLike) -> None:
+    """Write a genotype as JSON atomically (a temporary file renamed into place: never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(genotype.to_json() + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def build_network(genotype: Genotype | str | os.PathLike, C: int, layers: int, num_classes: int,
+                  in_shape: Sequence[int], mean: Sequence[float], std: Sequence[float], **kw: Any) -> nn.Module:
+    """The final network for a genotype (or a published name / JSON path), chosen by its `space`.
+
+    Extra keywords go to Network / ArnasNetwork: auxiliary, drop_path_prob, stem_multiplier,
+    reduction_layers.
+    """
+    if not isinstance(genotype, Genotype):
+        genotype = load_genotype(genotype)
+    cls = _NETWORKS[genotype.space]
+    return cls(genotype, C, num_classes, layers, in_shape, mean, std, **kw)
