@@ -12,7 +12,7 @@ from rich.console import Console
 
 from robustnas.arch import build_arch
 from robustnas.attacks import accuracy, pgd, robust_accuracy
-from robustnas.config import DataConfig, TrainCommand, format_eps, parse_eps, to_yaml
+from robustnas.config import DataConfig, TrainCommand, TrainConfig, format_eps, parse_eps, to_yaml
 from robustnas.data import Dataset, load_dataset
 from robustnas.errors import UserError
 from robustnas.rundir import atomic_write_text, save_model, write_json
@@ -41,36 +41,57 @@ def train_run(cmd: TrainCommand, resume: bool = False, progress: bool = True) ->
     # everything that can be wrong with the input is checked before the run directory exists
     device = resolve_device(cmd.device)
     data = load_data(cmd.data, cmd.seed)
-    eps = parse_eps(cmd.train.attack.eps if cmd.train.attack.eps is not None else data.meta.eps)
+    cmd = resolved(cmd, data)
+    eps = parse_eps(cmd.train.attack.eps)
     torch.manual_seed(cmd.seed)
     params = parse_count(cmd.model.params) if cmd.model.params else None
     model, spec = build_arch(cmd.model.arch, data.meta, params=params, width=cmd.model.width,
                              C=cmd.model.C, layers=cmd.model.layers)
     out = Path(cmd.out) if cmd.out else Path("runs") / (cmd.name or default_run_name(cmd))
+    check_new_run_dir(out, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", to_yaml(cmd))
+    return train_into(out, model, spec, data, cmd.train, seed=cmd.seed, device=device, resume=resume,
+                      progress=progress, test_n=cmd.test_n, test_pgd_steps=cmd.test_pgd_steps)
+
+
+def resolved(cmd, data: Dataset):
+    """The settings as they were really used: the dataset actually loaded (after any fallback) and its eps."""
+    cmd = cmd.model_copy(deep=True)
+    cmd.data.dataset, cmd.data.fallback = data.meta.name, None
+    if cmd.train.attack.eps is None:
+        cmd.train.attack.eps = data.meta.eps
+    return cmd
+
+
+def check_new_run_dir(out: Path, resume: bool) -> None:
     if out.exists() and any(out.iterdir()) and not resume:
         raise UserError(f"run directory {out} already exists: pass --resume to continue it, or another --out")
 
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", to_yaml(cmd))
-    trainer = Trainer(model, data, cmd.train, eps, seed=cmd.seed, device=device, out_dir=out, progress=progress)
+
+def train_into(out: Path, model: torch.nn.Module, spec: dict, data: Dataset, train: TrainConfig, seed: int,
+               device: torch.device, resume: bool = False, progress: bool = True, test_n: int = 1000,
+               test_pgd_steps: int = 20) -> dict:
+    """Train `model` with the Trainer into run directory `out`; save weights, log and a first metrics.json."""
+    eps = parse_eps(train.attack.eps)
+    trainer = Trainer(model, data, train, eps, seed=seed, device=device, out_dir=out, progress=progress)
     t0 = time.perf_counter()
     result = trainer.fit(resume=resume)
     train_seconds = time.perf_counter() - t0
     save_model(out, model, spec)
     atomic_write_text(out / "train.jsonl", "".join(json.dumps(asdict(h)) + "\n" for h in result.history))
 
-    n = min(cmd.test_n, len(data.test.x))
+    n = min(test_n, len(data.test.x))
     x, y = data.test.x[:n].to(device), data.test.y[:n].to(device)
-    torch.manual_seed(cmd.seed)
+    torch.manual_seed(seed)
     clean = accuracy(model, x, y)
-    steps = cmd.test_pgd_steps
-    rob = robust_accuracy(model, x, y, lambda xb, yb: pgd(model, xb, yb, eps, steps=steps,
-                                                          norm=cmd.train.attack.norm))
+    rob = robust_accuracy(model, x, y, lambda xb, yb: pgd(model, xb, yb, eps, steps=test_pgd_steps,
+                                                          norm=train.attack.norm))
     metrics = {
-        "dataset": data.meta.name, "eps": format_eps(eps), "norm": cmd.train.attack.norm, "n": n,
-        "clean_acc": clean, "robust_acc": {f"pgd{steps}": rob},
+        "dataset": data.meta.name, "eps": format_eps(eps), "norm": train.attack.norm, "n": n,
+        "clean_acc": clean, "robust_acc": {f"pgd{test_pgd_steps}": rob},
         "params": count_params(model), "flops": count_flops(model, data.meta.shape),
-        "train": {"adv": cmd.train.adv, "epochs": cmd.train.epochs, "best_epoch": result.best_epoch,
+        "train": {"adv": train.adv, "epochs": train.epochs, "best_epoch": result.best_epoch,
                   "best_val_clean": result.best_val_clean, "best_val_robust": result.best_val_robust,
                   "seconds": train_seconds},
     }
