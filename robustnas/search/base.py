@@ -1,0 +1,95 @@
+"""The Strategy protocol every search method implements, its inputs and outputs, and the registry.
+
+A search method is one module in robustnas/search/ with one class decorated by `@register`: a `name`,
+a pydantic `Config` holding every setting of the method, `__init__(cfg)` and `search(ctx, resume)`.
+The package imports every module in it, so adding the file is all it takes to make the method known
+to `robustnas search --method NAME` and `robustnas run`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Literal, Optional, Protocol, Union, runtime_checkable
+
+import torch
+
+from robustnas.config import Base, validate
+from robustnas.data import Dataset
+from robustnas.errors import UserError
+from robustnas.spaces.darts import Genotype
+
+
+@dataclass
+class SearchContext:
+    """What a search needs besides its own settings: the data, the threat model, where and how to run.
+
+    `eps` is in pixel units; `out_dir` (None: write nothing) receives search.jsonl, genotype.json and
+    the method's checkpoints; `on_epoch_end` is called with each epoch's record after it is saved
+    (the CLI and the tests use it; a raise there stops the search, which `resume=True` continues).
+    """
+
+    data: Dataset
+    eps: float
+    norm: Literal["Linf", "L2"] = "Linf"
+    device: Union[str, torch.device] = "cpu"
+    seed: int = 0
+    out_dir: Optional[Path] = None
+    progress: bool = True
+    on_epoch_end: Optional[Callable[[dict], None]] = None
+
+    def __post_init__(self) -> None:
+        if self.out_dir is not None:
+            self.out_dir = Path(self.out_dir)
+
+
+@dataclass
+class SearchResult:
+    """The searched architecture (a Genotype, or a dict for spaces that are not DARTS cells), one
+    record per epoch / generation as written to search.jsonl, wall time, and method-specific extras."""
+
+    genotype: Union[Genotype, dict]
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    name: ClassVar[str]
+    Config: ClassVar[type[Base]]
+
+    def __init__(self, cfg: Any) -> None: ...
+
+    def search(self, ctx: SearchContext, resume: bool = False) -> SearchResult: ...
+
+
+STRATEGIES: dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    """Class decorator: make a Strategy known by its `name`."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__name__}: a search strategy needs a class attribute `name`")
+    config = getattr(cls, "Config", None)
+    if not (isinstance(config, type) and issubclass(config, Base)):
+        raise TypeError(f"{cls.__name__}: `Config` must be a robustnas.config.Base subclass")
+    if name in STRATEGIES and STRATEGIES[name] is not cls:
+        raise TypeError(f"search strategy {name!r} is registered twice ({STRATEGIES[name].__name__}, {cls.__name__})")
+    STRATEGIES[name] = cls
+    return cls
+
+
+def get_strategy(name: str) -> type:
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise UserError(f"unknown search method {name!r}; known methods: {', '.join(sorted(STRATEGIES))}") from None
+
+
+def build_strategy(name: str, settings: Optional[dict] = None) -> Strategy:
+    """The strategy `name` with its Config validated from `settings` (a one-line UserError when bad)."""
+    cls = get_strategy(name)
+    cfg = validate(cls.Config, dict(settings or {}))
+    return cls(cfg)

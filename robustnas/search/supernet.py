@@ -1,0 +1,489 @@
+"""The differentiable search loop shared by every DARTS-space gradient method (DARTS, ARNAS, DSRNA, ...).
+
+Bilevel search as in DARTS: the training set is split (seeded) into a weight half and an alpha half;
+each step takes one batch of each, updates the alphas on the alpha batch (first order, or second
+order through one unrolled weight step) and then the weights on the weight batch (SGD, natural or
+adversarial examples). A method changes only what it must: usually `alpha_step`, sometimes
+`weight_loss` or `build_supernet`.
+
+Exact resume: every epoch reseeds the global RNG and the batch order from (seed, epoch), the learning
+rate is a function of the epoch, and the checkpoint written after every epoch holds the supernet
+(weights, alphas, BN statistics), both optimizers' state and the history. A search killed after any
+epoch and resumed ends with the same numbers and genotype as one that ran through.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Literal, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator, model_validator
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from robustnas.attacks import accuracy, fgsm_rs, pgd, robust_accuracy
+from robustnas.config import Base, parse_eps
+from robustnas.data import DatasetMeta
+from robustnas.errors import UserError
+from robustnas.genotypes import save_genotype
+from robustnas.rundir import atomic_write_text
+from robustnas.search.base import SearchContext, SearchResult
+from robustnas.spaces.arnas import ArnasSuperNet
+from robustnas.spaces.darts import SuperNet
+from robustnas.training import epoch_seed, resolve_device
+
+CHECKPOINT = "search_checkpoint"  # .safetensors + .json; not "checkpoint": the Trainer owns that name in a run dir
+
+LossFn = Callable[[nn.Module], Tensor]  # model -> scalar loss; evaluated on the supernet or its unrolled copy
+
+
+class SupernetConfig(Base):
+    """Settings of a DARTS-space gradient search. Defaults are CPU-sized; comments give the published
+    CIFAR-10 values (DARTS, Liu et al. 2019; ARNAS, CVPR 2024)."""
+
+    # --- space
+    space: Literal["darts", "arnas"] = "darts"
+    C: int = Field(default=8, ge=1)            # DARTS 16, ARNAS 24
+    layers: int = Field(default=5, ge=1)       # DARTS 8, ARNAS 8
+    partial_channels_k: int = Field(default=1, ge=1)  # PC-DARTS 4; 1 = every channel through every op
+    # --- schedule and data
+    epochs: int = Field(default=10, ge=1)      # 50
+    warmup_epochs: int = Field(default=0, ge=0)  # weight steps only, alphas frozen (DARTS 0)
+    batch_size: int = Field(default=32, ge=1)  # DARTS 64, ARNAS 32
+    train_portion: float = Field(default=0.5, gt=0, lt=1)  # share of the training set for the weights: 0.5
+    max_batches_per_epoch: Optional[int] = Field(default=None, ge=1)  # CPU budgets; None: the whole half
+    # --- weight step: SGD, cosine per epoch from w_lr to w_lr_min
+    w_lr: float = Field(default=0.025, gt=0)      # 0.025
+    w_lr_min: float = Field(default=0.001, ge=0)  # 0.001
+    w_momentum: float = Field(default=0.9, ge=0)  # 0.9
+    w_weight_decay: float = Field(default=3e-4, ge=0)  # 3e-4
+    grad_clip: Optional[float] = Field(default=5.0, gt=0)  # 5
+    weight_adv: Literal["none", "pgd", "fgsm-rs"] = "none"  # examples the weights learn on (ARNAS: pgd)
+    attack_steps: int = Field(default=7, ge=1)    # PGD steps of the weight step (ARNAS: 7)
+    step_size: Optional[str] = None               # None: 2.5*eps/steps for PGD, 1.25*eps for FGSM-RS
+    # --- alpha step: Adam
+    alpha_lr: float = Field(default=3e-4, gt=0)   # 3e-4
+    alpha_betas: tuple[float, float] = (0.5, 0.999)  # (0.5, 0.999)
+    alpha_weight_decay: float = Field(default=1e-3, ge=0)  # 1e-3
+    order: Literal["first", "second"] = "first"   # DARTS reports both; ARNAS code uses second
+    xi: Optional[float] = Field(default=None, ge=0)  # unrolled step size; None: the current weight lr (DARTS)
+    # paper: w' = w - xi*grad; the DARTS code adds the momentum buffer and weight decay to the unrolled step
+    unrolled_momentum: bool = False
+    # Hessian-vector product of the second-order gradient: central finite differences at w +- r/||v|| * v
+    # (DARTS, r = 0.01), or exact by double backward (about twice the memory). On ReLU / max-pool nets the
+    # difference straddles kinks, so "finite-difference" is a smoothed version of the exact product.
+    hvp: Literal["finite-difference", "autograd"] = "finite-difference"
+    hvp_r: float = Field(default=0.01, gt=0)
+    # --- per-epoch validation of the supernet on the first val_n images of the validation split
+    val_n: int = Field(default=256, ge=1)
+    val_steps: int = Field(default=10, ge=1)      # PGD steps of the robust validation accuracy
+
+    @field_validator("step_size", mode="before")
+    @classmethod
+    def _check_step(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        parse_eps(v)
+        return str(v)
+
+    @model_validator(mode="after")
+    def _check_epochs(self) -> "SupernetConfig":
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs} leaves no epoch for the alphas "
+                             f"(epochs={self.epochs})")
+        return self
+
+
+@dataclass
+class SearchBatch:
+    """One search step's inputs: a weight batch (and its adversarial version, x_w itself when training
+    naturally) and an alpha batch; the step's weight learning rate and position."""
+
+    x_w: Tensor
+    y_w: Tensor
+    x_w_adv: Tensor
+    x_a: Tensor
+    y_a: Tensor
+    lr: float
+    epoch: int
+    step: int
+
+
+def _flat(tensors: Sequence[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _grads(loss: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
+    """d loss / d params, zeros for parameters the loss does not reach (e.g. an alpha set of a cell kind
+    that a small network has no cell of)."""
+    grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+class SupernetSearch:
+    """Base class of the DARTS-space gradient strategies (not registered itself).
+
+    Subclasses set `name` and `Config` (a SupernetConfig subclass with the method's defaults) and
+    override `alpha_step` (and, when the method needs it, `weight_loss`, `build_supernet`,
+    `epoch_info`, `state_tensors` / `load_state_tensors`).
+    """
+
+    name: ClassVar[str] = "supernet"
+    Config: ClassVar[type[SupernetConfig]] = SupernetConfig
+
+    def __init__(self, cfg: SupernetConfig):
+        if not isinstance(cfg, self.Config):
+            raise TypeError(f"{type(self).__name__} needs a {self.Config.__name__}, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self._unrolled: Optional[SuperNet] = None
+
+    # ================================================================================ hooks
+    def build_supernet(self, meta: DatasetMeta) -> SuperNet:
+        cls = ArnasSuperNet if self.cfg.space == "arnas" else SuperNet
+        return cls(self.cfg.C, meta.num_classes, self.cfg.layers, meta.shape, meta.mean, meta.std,
+                   partial_channels_k=self.cfg.partial_channels_k)
+
+    def weight_examples(self, x: Tensor, y: Tensor) -> Tensor:
+        """The inputs of the weight step: x, or its PGD / FGSM-RS version against the current supernet."""
+        cfg = self.cfg
+        if cfg.weight_adv == "pgd":
+            return pgd(self.net, x, y, self.eps, steps=cfg.attack_steps, step_size=self.step_size, norm=self.norm)
+        if cfg.weight_adv == "fgsm-rs":
+            return fgsm_rs(self.net, x, y, self.eps, step_size=self.step_size, norm=self.norm)
+        return x
+
+    def weight_loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The training loss L_train of the weights (also the one unrolled in second order) and its logits."""
+        logits = model(x)
+        return F.cross_entropy(logits, y), logits
+
+    def alpha_step(self, batch: SearchBatch) -> dict[str, Any]:
+        """DARTS: descend the validation cross-entropy. Returns figures to log (averaged per epoch)."""
+        (grad,), (loss,) = self.hypergradients(batch, lambda m: F.cross_entropy(m(batch.x_a), batch.y_a))
+        self.apply_alpha_gradient(grad)
+        return {"alpha_loss": loss}
+
+    def epoch_info(self, epoch: int) -> dict[str, Any]:
+        """Method fields added to each epoch's record before the step figures (e.g. a stage name)."""
+        return {}
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Method state beyond the supernet and optimizers, saved in the checkpoint."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        pass
+
+    # ================================================================================ alpha gradients
+    def hypergradients(self, batch: SearchBatch, *loss_fns: LossFn) -> tuple[list[list[Tensor]], list[Tensor]]:
+        """d L / d alpha for each validation loss L (a function of the model): first order at the current
+        weights, or second order through w' = w - xi * grad_w L_train(w) (DARTS eq. 7-8). Returns the
+        gradients (one list per loss, one tensor per alpha set) and the detached loss values."""
+        if self.cfg.order == "first":
+            alphas = self.net.arch_parameters()
+            grads, losses = [], []
+            for fn in loss_fns:
+                loss = fn(self.net)
+                grads.append(_grads(loss, alphas))
+                losses.append(loss.detach())
+            return grads, losses
+        xi = self.xi(batch)
+        unrolled = self.unrolled_model(batch.x_w_adv, batch.y_w, xi)
+        ua, uw = unrolled.arch_parameters(), unrolled.weight_parameters()
+        grads, losses = [], []
+        for fn in loss_fns:
+            loss = fn(unrolled)
+            g = _grads(loss, ua + uw)
+            dalpha, dw = g[:len(ua)], g[len(ua):]
+            hvp = self.hessian_vector_product(dw, batch.x_w_adv, batch.y_w)
+            grads.append([da - xi * h for da, h in zip(dalpha, hvp)])
+            losses.append(loss.detach())
+        return grads, losses
+
+    def xi(self, batch: SearchBatch) -> float:
+        return batch.lr if self.cfg.xi is None else self.cfg.xi
+
+    def unrolled_model(self, x: Tensor, y: Tensor, xi: float) -> SuperNet:
+        """A copy of the supernet at w' = w - xi * grad_w L_train(w) (same alphas and buffers). The copy is
+        made once and refilled every step, which saves re-building the module."""
+        net = self.net
+        weights = net.weight_parameters()
+        loss, _ = self.weight_loss(net, x, y)
+        grads = _grads(loss, weights)
+        if self._unrolled is None:
+            self._unrolled = copy.deepcopy(net)
+        u = self._unrolled
+        u.train(net.training)
+        with torch.no_grad():
+            for pu, p in zip(u.parameters(), net.parameters()):
+                pu.copy_(p)
+            for bu, b in zip(u.buffers(), net.buffers()):
+                bu.copy_(b)
+            for pu, p, g in zip(u.weight_parameters(), weights, grads):
+                step = g
+                if self.cfg.unrolled_momentum:  # the DARTS code's _compute_unrolled_model
+                    step = step + self.cfg.w_weight_decay * p
+                    buf = self.w_opt.state.get(p, {}).get("momentum_buffer")
+                    if buf is not None:
+                        step = step + self.cfg.w_momentum * buf
+                pu.sub_(xi * step)
+        for p in u.parameters():
+            p.grad = None
+        return u
+
+    def hessian_vector_product(self, vector: Sequence[Tensor], x: Tensor, y: Tensor,
+                               r: Optional[float] = None) -> list[Tensor]:
+        """(d^2 L_train / d alpha d w) . vector by central differences at w +- R*vector, R = r / ||vector||
+        (DARTS `_hessian_vector_product`; the weights are restored exactly afterwards), or by double
+        backward when cfg.hvp == "autograd"."""
+        r = self.cfg.hvp_r if r is None else r
+        net = self.net
+        weights, alphas = net.weight_parameters(), net.arch_parameters()
+        if self.cfg.hvp == "autograd":
+            gw = torch.autograd.grad(self.weight_loss(net, x, y)[0], weights, create_graph=True)
+            return _grads(sum((g * v).sum() for g, v in zip(gw, vector)), alphas)
+        norm = _flat(vector).norm()
+        if norm.item() == 0:
+            return [torch.zeros_like(a) for a in alphas]
+        R = r / norm
+        saved = [p.detach().clone() for p in weights]
+        try:
+            with torch.no_grad():
+                for p, v in zip(weights, vector):
+                    p.add_(R * v)
+            g_plus = _grads(self.weight_loss(net, x, y)[0], alphas)
+            with torch.no_grad():
+                for p, p0, v in zip(weights, saved, vector):
+                    p.copy_(p0 - R * v)
+            g_minus = _grads(self.weight_loss(net, x, y)[0], alphas)
+        finally:
+            with torch.no_grad():
+                for p, p0 in zip(weights, saved):
+                    p.copy_(p0)
+        return [(gp - gm) / (2 * R) for gp, gm in zip(g_plus, g_minus)]
+
+    def apply_alpha_gradient(self, grads: Sequence[Tensor]) -> None:
+        """One alpha-optimizer (Adam) step along `grads` (one tensor per alpha set)."""
+        for a, g in zip(self.alphas, grads):
+            a.grad = g.detach().clone()
+        self.a_opt.step()
+        self.a_opt.zero_grad(set_to_none=True)
+
+    # ================================================================================ weight step
+    def weight_step(self, batch: SearchBatch) -> tuple[Tensor, Tensor]:
+        self.net.train()
+        for g in self.w_opt.param_groups:
+            g["lr"] = batch.lr
+        loss, logits = self.weight_loss(self.net, batch.x_w_adv, batch.y_w)
+        self.w_opt.zero_grad(set_to_none=True)
+        loss.backward(inputs=self.weights)  # no gradient reaches the alphas
+        if self.cfg.grad_clip:
+            nn.utils.clip_grad_norm_(self.weights, self.cfg.grad_clip)
+        self.w_opt.step()
+        return loss.detach(), (logits.detach().argmax(1) == batch.y_w).sum()
+
+    def search_step(self, x_w: Tensor, y_w: Tensor, x_a: Tensor, y_a: Tensor, lr: float, epoch: int = 0,
+                    step: int = 0, update_alphas: bool = True) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """One bilevel step: the alpha step (DARTS order: first), then the weight step. Returns the weight
+        loss, the number of weight-batch images classified right, and the alpha step's figures."""
+        # the weight step's examples are made once, before the alpha step, so that a second-order alpha
+        # step unrolls the very loss the weight step then descends
+        x_w_adv = self.weight_examples(x_w, y_w)
+        self.net.train()
+        batch = SearchBatch(x_w, y_w, x_w_adv, x_a, y_a, lr, epoch, step)
+        info: dict[str, Any] = {}
+        if update_alphas:
+            info = self.alpha_step(batch)
+            self.net.train()
+        loss, correct = self.weight_step(batch)
+        return loss, correct, info
+
+    # ================================================================================ setup
+    def lr_at(self, epoch: int) -> float:
+        """DARTS' CosineAnnealingLR stepped per epoch."""
+        cfg = self.cfg
+        return cfg.w_lr_min + (cfg.w_lr - cfg.w_lr_min) * (1 + math.cos(math.pi * epoch / cfg.epochs)) / 2
+
+    def setup(self, ctx: SearchContext) -> None:
+        """Supernet, optimizers and data halves; deterministic in ctx.seed."""
+        cfg = self.cfg
+        self.ctx = ctx
+        self.device = resolve_device(ctx.device) if isinstance(ctx.device, str) else ctx.device
+        self.eps, self.norm = float(ctx.eps), ctx.norm
+        self.step_size = parse_eps(cfg.step_size) if cfg.step_size else None
+        torch.manual_seed(ctx.seed)
+        self.net = self.build_supernet(ctx.data.meta).to(self.device)
+        self.net.train()
+        self._unrolled = None
+        self.weights = self.net.weight_parameters()
+        self.alphas = self.net.arch_parameters()
+        self.w_opt = torch.optim.SGD(self.weights, lr=cfg.w_lr, momentum=cfg.w_momentum,
+                                     weight_decay=cfg.w_weight_decay)
+        self.a_opt = torch.optim.Adam(self.alphas, lr=cfg.alpha_lr, betas=cfg.alpha_betas,
+                                      weight_decay=cfg.alpha_weight_decay)
+        n = len(ctx.data.train)
+        n_w = int(round(cfg.train_portion * n))
+        if n_w < 1 or n - n_w < 1:
+            raise UserError(f"train_portion={cfg.train_portion} of {n} training images leaves one half empty; "
+                            f"use more images or a train_portion nearer 0.5")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(ctx.seed))
+        self.w_idx, self.a_idx = perm[:n_w], perm[n_w:]
+        per_epoch = math.ceil(min(len(self.w_idx), len(self.a_idx)) / cfg.batch_size)
+        self.steps_per_epoch = min(per_epoch, cfg.max_batches_per_epoch or per_epoch)
+        self.history: list[dict] = []
+        self.start_epoch = 0
+
+    # ================================================================================ the loop
+    def search(self, ctx: SearchContext, resume: bool = False) -> SearchResult:
+        self.setup(ctx)
+        if resume:
+            self._load_checkpoint()
+        cfg = self.cfg
+        x_tr, y_tr = ctx.data.train.x, ctx.data.train.y
+        total = cfg.epochs * self.steps_per_epoch
+        t_start = time.perf_counter()
+        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                       TimeElapsedColumn(), TimeRemainingColumn(), disable=not ctx.progress, transient=False)
+        with bar:
+            task = bar.add_task(f"search {self.name}", total=total,
+                                completed=self.start_epoch * self.steps_per_epoch, info="")
+            for epoch in range(self.start_epoch, cfg.epochs):
+                torch.manual_seed(epoch_seed(ctx.seed, epoch))
+                g = torch.Generator().manual_seed(epoch_seed(ctx.seed, epoch))
+                w_order = self.w_idx[torch.randperm(len(self.w_idx), generator=g)]
+                a_order = self.a_idx[torch.randperm(len(self.a_idx), generator=g)]
+                lr = self.lr_at(epoch)
+                update_alphas = epoch >= cfg.warmup_epochs
+                t0 = time.perf_counter()
+                loss_sum = torch.zeros((), device=self.device)
+                correct = torch.zeros((), dtype=torch.long, device=self.device)
+                sums: dict[str, Any] = {}
+                seen = 0
+                for b in range(self.steps_per_epoch):
+                    sl = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
+                    iw, ia = w_order[sl], a_order[sl]
+                    x_w, y_w = x_tr[iw].to(self.device), y_tr[iw].to(self.device)
+                    x_a, y_a = x_tr[ia].to(self.device), y_tr[ia].to(self.device)
+                    loss, corr, info = self.search_step(x_w, y_w, x_a, y_a, lr, epoch, b, update_alphas)
+                    for k, v in info.items():
+                        sums[k] = sums.get(k, 0.0) + (v.detach() if isinstance(v, Tensor) else v)
+                    loss_sum += loss * len(y_w)
+                    correct += corr
+                    seen += len(y_w)
+                    if ctx.progress and (b % 5 == 0 or b == self.steps_per_epoch - 1):
+                        ips = seen / (time.perf_counter() - t0)
+                        extra = " ".join(f"{k} {_num(v) / (b + 1):.3f}" for k, v in sums.items())
+                        bar.update(task, completed=epoch * self.steps_per_epoch + b + 1, info=(
+                            f"ep {epoch + 1}/{cfg.epochs} loss {loss_sum.item() / seen:.3f} "
+                            f"acc {correct.item() / seen:.3f} {extra} {ips:.0f} img/s"))
+                train_seconds = time.perf_counter() - t0
+                val_clean, val_robust = self.validate()
+                record: dict[str, Any] = {"epoch": epoch, **self.epoch_info(epoch), "lr": lr,
+                                          "alpha_updates": update_alphas,
+                                          "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen}
+                record.update({k: _num(v) / self.steps_per_epoch for k, v in sums.items()})
+                genotype = self.net.genotype()
+                record.update({"val_clean": val_clean, "val_robust": val_robust,
+                               "alphas": {k: w.tolist() for k, w in self.net.op_weights().items()},
+                               "genotype": genotype.to_dict(),
+                               "seconds": time.perf_counter() - t0, "images_per_s": seen / train_seconds})
+                self.history.append(record)
+                if ctx.progress:
+                    bar.update(task, info=f"ep {epoch + 1}/{cfg.epochs} val clean {val_clean:.3f} "
+                                          f"robust {val_robust:.3f}")
+                self._save_checkpoint(epoch)
+                if ctx.on_epoch_end is not None:
+                    ctx.on_epoch_end(record)
+        genotype = self.net.genotype()
+        genotype.source = f"robustnas search --method {self.name} (seed {ctx.seed})"
+        if ctx.out_dir is not None:
+            save_genotype(genotype, ctx.out_dir / "genotype.json")
+        return SearchResult(genotype=genotype, history=self.history, seconds=time.perf_counter() - t_start,
+                            extra={"alphas": {k: w.tolist() for k, w in self.net.op_weights().items()},
+                                   "supernet_params": sum(p.numel() for p in self.weights)})
+
+    def validate(self) -> tuple[float, float]:
+        """Clean and PGD accuracy of the supernet on the first val_n validation images (fixed attack noise)."""
+        val = self.ctx.data.val
+        n = min(self.cfg.val_n, len(val))
+        if n == 0:
+            return float("nan"), float("nan")
+        x, y = val.x[:n].to(self.device), val.y[:n].to(self.device)
+        clean = accuracy(self.net, x, y)
+        torch.manual_seed(epoch_seed(self.ctx.seed, 10_000))
+        robust = robust_accuracy(self.net, x, y, lambda xb, yb: pgd(
+            self.net, xb, yb, self.eps, steps=self.cfg.val_steps, norm=self.norm))
+        return clean, robust
+
+    # ================================================================================ checkpoints
+    def _identity(self) -> dict[str, Any]:
+        """What must match for a checkpoint to be resumed."""
+        return {"method": self.name, "config": self.cfg.model_dump(mode="json"), "seed": self.ctx.seed,
+                "eps": self.eps, "norm": self.norm, "dataset": self.ctx.data.meta.name,
+                "train_size": len(self.ctx.data.train)}
+
+    def _save_checkpoint(self, epoch: int) -> None:
+        out = self.ctx.out_dir
+        if out is None:
+            return
+        tensors: dict[str, Tensor] = {f"net.{k}": v for k, v in self.net.state_dict().items()}
+        plain: dict[str, Any] = {}
+        for prefix, opt in (("w_opt", self.w_opt), ("a_opt", self.a_opt)):
+            plain[prefix] = {}
+            for pid, state in opt.state_dict()["state"].items():
+                for key, v in state.items():
+                    if isinstance(v, Tensor):
+                        tensors[f"{prefix}.{pid}.{key}"] = v
+                    elif v is not None:
+                        plain[prefix].setdefault(str(pid), {})[key] = v
+        tensors.update({f"extra.{k}": v for k, v in self.state_tensors().items()})
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".{CHECKPOINT}.safetensors.tmp"
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        tmp.replace(out / f"{CHECKPOINT}.safetensors")
+        meta = {"epoch": epoch, "identity": self._identity(), "optimizers": plain, "history": self.history}
+        atomic_write_text(out / f"{CHECKPOINT}.json", json.dumps(meta, indent=1))
+        atomic_write_text(out / "search.jsonl", "".join(json.dumps(h) + "\n" for h in self.history))
+        save_genotype(self.net.genotype(), out / "genotype.json")
+
+    def _load_checkpoint(self) -> None:
+        out = self.ctx.out_dir
+        if out is None or not (out / f"{CHECKPOINT}.json").exists():
+            return  # nothing to resume: start from scratch
+        meta = json.loads((out / f"{CHECKPOINT}.json").read_text())
+        ident = self._identity()
+        if meta.get("identity") != ident:
+            old = meta.get("identity") or {}
+            diff = [k for k in ident if old.get(k) != ident[k]]
+            if "config" in diff:
+                oc, nc = old.get("config") or {}, ident["config"]
+                diff = [f"config.{k}" for k in nc if oc.get(k) != nc[k]] + [d for d in diff if d != "config"]
+            raise UserError(f"cannot resume the search in {out}: its checkpoint was made with other settings "
+                            f"({', '.join(diff)}); use the same settings or another output folder")
+        tensors = load_file(str(out / f"{CHECKPOINT}.safetensors"), device="cpu")
+        self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        for prefix, opt in (("w_opt", self.w_opt), ("a_opt", self.a_opt)):
+            sd = opt.state_dict()
+            state: dict[int, dict[str, Any]] = {}
+            for key, v in tensors.items():
+                if key.startswith(prefix + "."):
+                    _, pid, name = key.split(".", 2)
+                    state.setdefault(int(pid), {})[name] = v.clone()
+            for pid, d in meta["optimizers"].get(prefix, {}).items():
+                state.setdefault(int(pid), {}).update(d)
+            sd["state"] = state
+            opt.load_state_dict(sd)
+        self.load_state_tensors({k[6:]: v for k, v in tensors.items() if k.startswith("extra.")})
+        self.history = meta["history"]
+        self.start_epoch = meta["epoch"] + 1
+
+
+def _num(v: Any) -> float:
+    return v.item() if isinstance(v, Tensor) else float(v)
