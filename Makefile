@@ -31,7 +31,7 @@ test: setup
 
 demo: setup data
 	rm -rf runs/demo
-	$(VENV)/bin/robustnas train --config configs/demo.yaml --out runs/demo
+	$(VENV)/bin/robustnas run --config configs/demo.yaml --out runs/demo
 
 bench: setup
 	$(PY) benchmarks/bench_train.py

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from robustnas.config import TrainCommand, deep_update, load_yaml, validate
+from robustnas.config import RunCommand, SearchCommand, TrainCommand, deep_update, load_yaml, validate
 from robustnas.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -80,6 +80,96 @@ def train(
     rob = ", ".join(f"{k} {v:.4f}" for k, v in m["robust_acc"].items())
     console.print(f"{m['run_dir']}: clean {m['clean_acc']:.4f}, {rob} at eps {m['eps']} "
                   f"(n={m['n']}, params {m['params']})")
+
+
+def _csv(text: Optional[str]) -> Optional[list[str]]:
+    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+
+@app.command()
+def evaluate(
+    run_dir: str = typer.Argument(..., help="a run directory written by train or run"),
+    attacks: str = typer.Option("fgsm,pgd20,autoattack",
+                                help="comma list: fgsm, pgd20, pgd100, pgdK, cw, autoattack, square, transfer"),
+    eps: Optional[str] = typer.Option(None, help="attack radius (default: the run's)"),
+    n: int = typer.Option(1000, help="number of test images"),
+    batch_size: int = typer.Option(256),
+    certify: str = typer.Option("", help="comma list of bound methods: ibp, crown-ibp, crown"),
+    transfer_from: Optional[str] = typer.Option(None, help="run directory of a surrogate model"),
+    device: str = typer.Option("auto"),
+    seed: int = typer.Option(0),
+    progress: bool = typer.Option(True),
+) -> None:
+    """Attack and certify a trained model; write metrics.json, report.md and plots into its run directory."""
+    from robustnas.evaluate import evaluate_run
+
+    m = _run(evaluate_run, run_dir, attacks=_csv(attacks), eps=eps, n=n, batch_size=batch_size,
+             certify=_csv(certify) or (), transfer_from=transfer_from, device=device, seed=seed, progress=progress)
+    _print_metrics(run_dir, m)
+
+
+def _print_metrics(title: str, m: dict) -> None:
+    table = Table("metric", "value", title=f"{title} (eps {m.get('eps')}, n={m.get('n')})")
+    table.add_row("clean", f"{m['clean_acc']:.4f}")
+    for k, v in (m.get("robust_acc") or {}).items():
+        table.add_row(k, f"{v:.4f}")
+    for k, v in (m.get("certified") or {}).items():
+        table.add_row(f"certified ({k})", f"{v['acc'] if isinstance(v, dict) else v:.4f}")
+    if m.get("hrs") is not None:
+        table.add_row("HRS", f"{m['hrs']:.4f}")
+    table.add_row("params", str(m.get("params")))
+    console.print(table)
+    if not m.get("reliable", True):
+        failed = [k for k, c in (m.get("sanity") or {}).items() if c.get("status") == "fail"]
+        err_console.print(f"[bold red]UNRELIABLE: sanity checks failed: {', '.join(failed)}[/]")
+
+
+@app.command()
+def search(
+    method: Optional[str] = typer.Option(None, help="darts | arnas | dsrna | advrush | lrnas | tamnas | ..."),
+    dataset: Optional[str] = typer.Option(None),
+    data_dir: Optional[str] = typer.Option(None),
+    subset: Optional[int] = typer.Option(None),
+    eps: Optional[str] = typer.Option(None),
+    epochs: Optional[int] = typer.Option(None, help="search epochs (the method's own setting)"),
+    seed: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None),
+    out: Optional[str] = typer.Option(None),
+    resume: bool = typer.Option(False),
+    config: Optional[str] = typer.Option(None, help="YAML with these settings; the method's own under `search:`"),
+    progress: bool = typer.Option(True),
+) -> None:
+    """Search an architecture; write search.jsonl and genotype.json."""
+    from robustnas.pipeline import search_run
+
+    base = _run(load_yaml, config) if config else {}
+    base = {k: v for k, v in base.items() if k in SearchCommand.model_fields}
+    flags = {"method": method, "seed": seed, "device": device, "out": out, "search": {"epochs": epochs},
+             "data": {"dataset": dataset, "data_dir": data_dir, "subset": subset}, "attack": {"eps": eps}}
+    cmd = _run(validate, SearchCommand, deep_update(base, flags))
+    result, out_dir = _run(search_run, cmd, resume=resume, progress=progress)
+    console.print(f"{out_dir}/genotype.json written ({result.seconds:.0f} s)")
+
+
+@app.command()
+def run(
+    config: str = typer.Option(..., help="YAML: data, method, search, final, train, evaluate, baseline"),
+    out: Optional[str] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None),
+    resume: bool = typer.Option(False),
+    progress: bool = typer.Option(True),
+) -> None:
+    """The main job: search -> train the derived network -> evaluate -> report, beside a hand-crafted baseline."""
+    from robustnas.pipeline import run_pipeline
+
+    base = _run(load_yaml, config)
+    cmd = _run(validate, RunCommand, deep_update(base, {"out": out, "seed": seed, "device": device}))
+    m = _run(run_pipeline, cmd, resume=resume, progress=progress)
+    _print_metrics(f"{m['run_dir']} (searched)", m)
+    if m.get("baseline"):
+        _print_metrics(f"{m['run_dir']}/baseline", m["baseline"])
+    console.print(f"report: {m['run_dir']}/report.md")
 
 
 def main() -> None:  # pragma: no cover

@@ -112,6 +112,58 @@ class TrainCommand(Base):
     test_n: int = Field(default=1000, ge=1)
 
 
+class FinalNetConfig(Base):
+    """The network built from a searched genotype for final training."""
+
+    C: Optional[int] = None       # initial channels; None: picked from `params`, else arch.DEFAULT_C
+    layers: Optional[int] = None  # cells; None: arch.DEFAULT_LAYERS
+    params: Optional[str] = None  # parameter budget that picks C, e.g. "100k"
+
+
+class EvalConfig(Base):
+    attacks: list[str] = ["fgsm", "pgd20", "autoattack"]
+    n: int = Field(default=500, ge=1)
+    batch_size: int = Field(default=256, ge=1)
+    certify: list[str] = ["ibp"]
+
+
+class BaselineConfig(Base):
+    """A hand-crafted model trained and evaluated beside the searched one, at its parameter count."""
+
+    arch: Optional[str] = "cnn"  # None: no baseline
+
+
+class SearchCommand(Base):
+    """`robustnas search`: the method's own settings live in `search` (validated by the method's Config)."""
+
+    name: Optional[str] = None
+    seed: int = 0
+    device: str = "auto"
+    out: Optional[str] = None
+    data: DataConfig = DataConfig()
+    method: str = "darts"
+    search: dict[str, Any] = {}
+    attack: AttackConfig = AttackConfig()  # the threat model the search optimises for
+
+
+class RunCommand(Base):
+    """`robustnas run`: search -> train the derived network -> evaluate -> report (+ a hand-crafted baseline)."""
+
+    name: str = "run"
+    seed: int = 0
+    device: str = "auto"
+    out: Optional[str] = None
+    data: DataConfig = DataConfig()
+    method: str = "darts"
+    search: dict[str, Any] = {}
+    final: FinalNetConfig = FinalNetConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvalConfig = EvalConfig()
+    baseline: BaselineConfig = BaselineConfig()
+    test_pgd_steps: int = 20
+    test_n: int = Field(default=1000, ge=1)
+
+
 def load_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():

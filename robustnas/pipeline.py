@@ -12,7 +12,7 @@ from rich.console import Console
 
 from robustnas.arch import build_arch
 from robustnas.attacks import accuracy, pgd, robust_accuracy
-from robustnas.config import DataConfig, TrainCommand, TrainConfig, format_eps, parse_eps, to_yaml
+from robustnas.config import DataConfig, RunCommand, SearchCommand, TrainCommand, TrainConfig, format_eps, parse_eps, to_yaml
 from robustnas.data import Dataset, load_dataset
 from robustnas.errors import UserError
 from robustnas.rundir import atomic_write_text, save_model, write_json
@@ -98,3 +98,109 @@ def train_into(out: Path, model: torch.nn.Module, spec: dict, data: Dataset, tra
     write_json(out / "metrics.json", metrics)
     metrics["run_dir"] = str(out)
     return metrics
+
+
+def search_run(cmd: SearchCommand, resume: bool = False, progress: bool = True):
+    """Run one search method; write search.jsonl and genotype.json into the output directory."""
+    from robustnas.search import SearchContext, build_strategy
+
+    device = resolve_device(cmd.device)
+    data = load_data(cmd.data, cmd.seed)
+    cmd = cmd.model_copy(deep=True)
+    cmd.data.dataset, cmd.data.fallback = data.meta.name, None
+    eps = parse_eps(cmd.attack.eps if cmd.attack.eps is not None else data.meta.eps)
+    cmd.attack.eps = format_eps(eps)
+    strategy = build_strategy(cmd.method, cmd.search)
+    out = Path(cmd.out) if cmd.out else Path("runs") / (cmd.name or f"search-{cmd.method}-{data.meta.name}-s{cmd.seed}")
+    check_new_run_dir(out, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", to_yaml(cmd))
+    torch.manual_seed(cmd.seed)
+    ctx = SearchContext(data=data, eps=eps, norm=cmd.attack.norm, device=device, seed=cmd.seed, out_dir=out,
+                        progress=progress)
+    result = strategy.search(ctx, resume=resume)
+    _save_genotype(out, result.genotype)
+    return result, out
+
+
+def _save_genotype(out: Path, genotype) -> Path:
+    from robustnas.rundir import write_json
+
+    if isinstance(genotype, dict):
+        write_json(out / "genotype.json", genotype)
+    else:
+        from robustnas.genotypes import save_genotype
+
+        save_genotype(genotype, out / "genotype.json")
+    return out / "genotype.json"
+
+
+def run_pipeline(cmd: RunCommand, resume: bool = False, progress: bool = True) -> dict:
+    """search -> train the derived network -> evaluate -> the same for a hand-crafted baseline -> report."""
+    import shutil
+
+    from robustnas.evaluate import evaluate_run, get_attack
+    from robustnas.search import SearchContext, build_strategy
+
+    device = resolve_device(cmd.device)
+    data = load_data(cmd.data, cmd.seed)
+    cmd = resolved(cmd, data)
+    eps = parse_eps(cmd.train.attack.eps)
+    strategy = build_strategy(cmd.method, cmd.search)
+    for a in cmd.evaluate.attacks:
+        get_attack(a)
+    if cmd.baseline.arch is not None:
+        from robustnas.models import list_models
+
+        if cmd.baseline.arch not in list_models():
+            raise UserError(f"baseline.arch {cmd.baseline.arch!r} is not a hand-crafted model; "
+                            f"use one of {', '.join(list_models())}")
+    out = Path(cmd.out) if cmd.out else Path("runs") / cmd.name
+    check_new_run_dir(out, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", to_yaml(cmd))
+
+    # 1. search
+    torch.manual_seed(cmd.seed)
+    ctx = SearchContext(data=data, eps=eps, norm=cmd.train.attack.norm, device=device, seed=cmd.seed,
+                        out_dir=out / "search", progress=progress)
+    t0 = time.perf_counter()
+    result = strategy.search(ctx, resume=resume)
+    search_seconds = time.perf_counter() - t0
+    genotype_path = _save_genotype(out, result.genotype)
+    if (out / "search" / "search.jsonl").exists():
+        shutil.copyfile(out / "search" / "search.jsonl", out / "search.jsonl")
+
+    # 2. train and 3. evaluate the searched network
+    torch.manual_seed(cmd.seed)
+    params = parse_count(cmd.final.params) if cmd.final.params else None
+    model, spec = build_arch(str(genotype_path), data.meta, params=params, C=cmd.final.C, layers=cmd.final.layers)
+    ev = cmd.evaluate
+    train_into(out, model, spec, data, cmd.train, seed=cmd.seed, device=device, resume=resume,
+               progress=progress, test_n=cmd.test_n, test_pgd_steps=cmd.test_pgd_steps)
+    searched = evaluate_run(out, attacks=ev.attacks, n=ev.n, batch_size=ev.batch_size, certify=ev.certify,
+                            device=str(device), seed=cmd.seed, progress=progress)
+    searched["search_seconds"] = search_seconds
+    write_json(out / "metrics.json", searched)
+
+    # 4. the hand-crafted baseline at the same parameter count, same recipe and attacks
+    baseline = None
+    if cmd.baseline.arch is not None:
+        bout = out / "baseline"
+        check_new_run_dir(bout, resume)
+        bout.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(bout / "config.yaml", to_yaml(cmd))
+        torch.manual_seed(cmd.seed)
+        bmodel, bspec = build_arch(cmd.baseline.arch, data.meta, params=count_params(model))
+        train_into(bout, bmodel, bspec, data, cmd.train, seed=cmd.seed, device=device, resume=resume,
+                   progress=progress, test_n=cmd.test_n, test_pgd_steps=cmd.test_pgd_steps)
+        baseline = evaluate_run(bout, attacks=ev.attacks, n=ev.n, batch_size=ev.batch_size, certify=ev.certify,
+                                device=str(device), seed=cmd.seed, progress=progress)
+
+    from robustnas.report import write_search_run_report
+
+    write_search_run_report(out, cmd, result, searched, baseline)
+    searched["run_dir"] = str(out)
+    if baseline is not None:
+        searched["baseline"] = baseline
+    return searched
