@@ -65,14 +65,13 @@ def load_model(run_dir: Path, device: str = "cpu") -> tuple[nn.Module, dict]:
     spec = read_json(run_dir / "model.json")
     model = model_from_spec(spec)
     state = load_file(str(weights), device=device)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"weights in {weights} do not match the architecture in model.json "
-                        f"({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. "
-                        f"{(missing or unexpected)[0]})")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise UserError(f"weights in {weights} do not match the architecture in model.json: "
-                        f"{str(e).splitlines()[-1].strip()}")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        example = (missing or unexpected or wrong)[0]
+        raise UserError(f"weights in {weights} do not match the architecture in model.json ({len(missing)} missing, "
+                        f"{len(unexpected)} unexpected, {len(wrong)} of another shape, e.g. {example})")
+    model.load_state_dict(state, strict=True)
     return model.to(device), spec

@@ -1,0 +1,543 @@
+"""Honest robustness evaluation of one model: clean accuracy, an attack suite, certified accuracy, size,
+latency, HRS, a robustness-vs-eps curve, and the sanity checks that say whether to believe the numbers.
+
+A sample counts as robust to an attack when the model is right on the clean image and on the attacked one
+(the clean image is a point of the ball too), so no attack can report more than the clean accuracy and the
+per-sample worst case over all attacks is well defined.
+
+Sanity checks (Carlini et al. 2019, "On evaluating adversarial robustness"; Athalye et al. 2018; Croce &
+Hein 2020's flags, which pyautoattack raises itself) run with every evaluation; one failure marks the
+whole evaluation unreliable. Differences between two accuracies on the same n images are compared with
+`noise(p, n)` = two binomial standard errors plus one image, so n = 100 tolerates ~10 points, n = 1000 ~3.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import Tensor, nn
+
+from robustnas.analysis import hrs
+from robustnas.attacks import (PYAUTOATTACK_ATTACKS, AutoAttackResult, attack_names, autoattack_static_checks,
+                               eval_mode, get_attack, margin_loss, run_autoattack, transfer_from as bind_transfer)
+from robustnas.config import format_eps, parse_eps
+from robustnas.errors import UserError
+from robustnas.size import count_flops, count_params
+
+DEFAULT_ATTACKS = ("fgsm", "pgd20", "autoattack")
+CERTIFY_METHODS = ("ibp", "crown", "crown-ibp")
+BLACK_BOX = ("square", "transfer")
+MAX_ZERO_GRAD_FRACTION = 0.01  # above this share of images with an exactly zero input gradient: masking
+
+
+# ------------------------------------------------------------------------------------------ small helpers
+def noise(p: float, n: int) -> float:
+    """Tolerance for comparing two accuracies near p measured on the same n images."""
+    n = max(n, 1)
+    return 2 * math.sqrt(max(p * (1 - p), 0.0) / n) + 1 / n
+
+
+def large_eps(norm: str, in_shape: Sequence[int]) -> float:
+    """A radius whose ball around any image in [0,1]^d holds the uniform mid-gray image.
+
+    Every image can then be replaced by the same gray one, so no model can be robust on more images than
+    those whose label it predicts for gray (about 1/K): a sound attack must get the accuracy that low.
+    """
+    return 0.5 if norm == "Linf" else 0.5 * math.sqrt(math.prod(in_shape))
+
+
+def eps_value(eps: float | str, norm: str = "Linf") -> float:
+    """An epsilon in pixel units; Linf radii lie in [0, 1], L2 radii may exceed 1 (e.g. 2.0 on MNIST)."""
+    if norm == "L2":
+        try:
+            value = float(eps)
+        except (TypeError, ValueError):
+            return parse_eps(eps)
+        if not math.isfinite(value) or value < 0:
+            raise UserError(f"epsilon {eps!r} is out of range: an L2 radius must be a finite number >= 0")
+        return value
+    return parse_eps(eps)
+
+
+@dataclass
+class Check:
+    """One sanity check: status is "pass", "fail", or "skip" (its attacks were not run)."""
+
+    name: str
+    status: str
+    detail: str
+
+    def as_dict(self) -> dict:
+        return {"status": self.status, "detail": self.detail}
+
+
+def cpu_latency_ms(model: nn.Module, in_shape: Sequence[int], repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall time of one forward pass at batch 1 on the CPU, in milliseconds."""
+    try:
+        on_cpu = next(model.parameters()).device.type == "cpu"
+    except StopIteration:
+        on_cpu = True
+    m = model if on_cpu else copy.deepcopy(model).cpu()
+    x = torch.rand(1, *in_shape, generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.no_grad(), eval_mode(m):
+        for i in range(warmup + repeats):
+            t0 = time.perf_counter()
+            m(x)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+# ------------------------------------------------------------------------------------------ the runner
+class _Runner:
+    """Runs attacks on fixed images and keeps, per attack, which images stayed robust."""
+
+    def __init__(self, model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: str, batch_size: int,
+                 seed: int, bar: Progress, surrogate: Optional[nn.Module], log: list[str],
+                 options: dict[str, dict]):
+        self.model, self.x, self.y, self.eps, self.norm = model, x, y, eps, norm
+        self.options = options
+        self.batch_size, self.seed, self.bar, self.surrogate, self.log = batch_size, seed, bar, surrogate, log
+        self.n = len(x)
+        self.max_perturbation: dict[str, float] = {}  # per attack: largest perturbation / eps
+        self.outside_box: dict[str, float] = {}  # per attack: largest distance outside [0,1]
+        self.aa_results: dict[str, AutoAttackResult] = {}
+        self.seconds: dict[str, float] = {}
+        with torch.no_grad(), eval_mode(model):
+            self.clean = torch.cat([model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]
+                                    for i in range(0, self.n, batch_size)])
+
+    def _record(self, key: str, x_adv: Tensor, x: Tensor, eps: float) -> None:
+        d = (x_adv - x).flatten(1)
+        size = (d.abs().max(1).values if self.norm == "Linf" else d.norm(dim=1)).max().item() if len(d) else 0.0
+        ratio = size / eps if eps > 0 else (0.0 if size == 0 else math.inf)
+        out = max((x_adv - x_adv.clamp(0, 1)).abs().max().item() if len(d) else 0.0, 0.0)
+        self.max_perturbation[key] = max(self.max_perturbation.get(key, 0.0), ratio)
+        self.outside_box[key] = max(self.outside_box.get(key, 0.0), out)
+
+    def run(self, name: str, eps: Optional[float] = None, label: Optional[str] = None,
+            count: Optional[int] = None) -> Tensor:
+        """Boolean mask of the (first `count`) images robust to attack `name` at `eps` (default: the
+        evaluation's eps)."""
+        eps = self.eps if eps is None else eps
+        label = label or name
+        k = self.n if count is None else min(count, self.n)
+        t0 = time.perf_counter()
+        options = self.options.get(name, {}) if label == name else {}  # options apply at the asked eps
+        if name in PYAUTOATTACK_ATTACKS:
+            mask = self._run_pyautoattack(name, self.x[:k], self.y[:k], eps, label, options)
+        else:
+            mask = self._run_batched(name, self.x[:k], self.y[:k], eps, label, options)
+        self.seconds[label] = time.perf_counter() - t0
+        return mask & self.clean[:k]
+
+    def _run_batched(self, name: str, x: Tensor, y: Tensor, eps: float, label: str, options: dict) -> Tensor:
+        attack = bind_transfer(self.surrogate) if name == "transfer" else get_attack(name)
+        g = torch.Generator(device=x.device).manual_seed(self.seed)
+        task = self.bar.add_task(label, total=len(x), info="")
+        robust, t0 = [], time.perf_counter()
+        for i in range(0, len(x), self.batch_size):
+            xb, yb = x[i:i + self.batch_size], y[i:i + self.batch_size]
+            x_adv = attack(self.model, xb, yb, eps, norm=self.norm, generator=g, **options)
+            self._record(label, x_adv, xb, eps)
+            with torch.no_grad(), eval_mode(self.model):
+                robust.append(self.model(x_adv).argmax(1) == yb)
+            done = i + len(xb)
+            acc = (torch.cat(robust) & self.clean[:done]).float().mean().item()
+            self.bar.update(task, completed=done,
+                            info=f"acc {acc:.3f}  {done / (time.perf_counter() - t0):.0f} img/s")
+        return torch.cat(robust)
+
+    def _run_pyautoattack(self, name: str, x: Tensor, y: Tensor, eps: float, label: str,
+                          options: dict) -> Tensor:
+        components = ["square"] if name == "square" else ["apgd-ce", "apgd-t", "fab-t", "square"]
+        task = self.bar.add_task(label, total=len(components), info="")
+
+        def on_message(msg: str) -> None:
+            if msg.startswith("running "):
+                self.bar.update(task, info=msg[len("running "):])
+            elif msg.startswith("robust accuracy after "):
+                self.bar.advance(task)
+                self.bar.update(task, info=msg[len("robust accuracy after "):].split(" (")[0])
+
+        if name == "square":
+            result = run_autoattack(self.model, x, y, eps, self.norm, version="custom",
+                                    attacks=["square"], seed=self.seed, batch_size=self.batch_size,
+                                    on_message=on_message, **options)
+        else:
+            result = run_autoattack(self.model, x, y, eps, self.norm, seed=self.seed,
+                                    batch_size=self.batch_size, on_message=on_message, **options)
+        self.bar.update(task, completed=len(components))
+        self.aa_results[label] = result
+        self.log.extend(f"[{label}] {line}" for line in result.log)
+        self._record(label, result.x_adv, x, eps)
+        with torch.no_grad(), eval_mode(self.model):
+            return torch.cat([self.model(result.x_adv[i:i + self.batch_size]).argmax(1)
+                              == y[i:i + self.batch_size] for i in range(0, len(x), self.batch_size)])
+
+
+def _acc(mask: Tensor) -> float:
+    return mask.sum().item() / len(mask) if len(mask) else 0.0
+
+
+# ------------------------------------------------------------------------------------------ sanity checks
+def _zero_gradient_fraction(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> float:
+    """Share of images whose margin loss has an exactly zero input gradient (margins do not saturate)."""
+    zero = 0
+    with eval_mode(model):
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size].detach().clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(margin_loss(model(xb), y[i:i + batch_size]).sum(), xb)
+            zero += (g.flatten(1).abs().sum(1) == 0).sum().item()
+    return zero / max(len(x), 1)
+
+
+def sanity_checks(model: nn.Module, runner: _Runner, masks: dict[str, Tensor], asked: Sequence[str],
+                  aa_flags: list[str], sanity_n: int) -> list[Check]:
+    """The checklist. `masks` holds the per-image results at eps of every attack run so far (fgsm, pgd20
+    and pgd100 among them; pgd100 possibly on the first `sanity_n` images only)."""
+    x, y, n, eps, norm, bs = runner.x, runner.y, runner.n, runner.eps, runner.norm, runner.batch_size
+    acc = {k: _acc(v) for k, v in masks.items()}
+    checks: list[Check] = []
+
+    # 1. deterministic forward: a randomized model makes every gradient attack number meaningless
+    with torch.no_grad(), eval_mode(model):
+        a, b = model(x[:bs]), model(x[:bs])
+    diff = (a - b).abs().max().item()
+    ok = diff <= 1e-5 * (1 + a.abs().max().item()) and torch.equal(a.argmax(1), b.argmax(1))
+    checks.append(Check("deterministic_forward", "pass" if ok else "fail",
+                        f"two eval forwards of the same {len(a)} images differ by at most {diff:.2e}"))
+
+    # 2. input gradients exist
+    frac = _zero_gradient_fraction(model, x, y, bs)
+    checks.append(Check("gradients_nonzero", "pass" if frac <= MAX_ZERO_GRAD_FRACTION else "fail",
+                        f"{frac:.1%} of images have an exactly zero input gradient of the margin loss "
+                        f"(limit {MAX_ZERO_GRAD_FRACTION:.0%})"))
+
+    # 3. a large ball brings accuracy to (about) chance
+    big = large_eps(norm, tuple(x.shape[1:]))
+    with torch.no_grad(), eval_mode(model):
+        gray_pred = model(torch.full_like(x[:1], 0.5)).argmax(1)
+    k = min(sanity_n, n)
+    bound = _acc(y[:k] == gray_pred)
+    acc_big = _acc(runner.run("pgd20", eps=big, label=f"pgd20@{format_eps(big)}", count=k))
+    tol = noise(bound, k)
+    checks.append(Check("large_eps", "pass" if acc_big <= bound + tol else "fail",
+                        f"PGD-20 at {norm} eps {format_eps(big)} (a ball holding the mid-gray image) on {k} "
+                        f"images: accuracy {acc_big:.3f}; the gray image alone gets it to {bound:.3f} "
+                        f"(+ noise {tol:.3f})"))
+
+    # 4. more steps do not raise accuracy (the attack has converged)
+    k = len(masks["pgd100"])
+    p20k, p100 = _acc(masks["pgd20"][:k]), acc["pgd100"]
+    tol = noise(p20k, k)
+    checks.append(Check("more_steps", "pass" if p100 <= p20k + tol else "fail",
+                        f"PGD-100 {p100:.3f} vs PGD-20 {p20k:.3f} on the same {k} images (noise {tol:.3f})"))
+
+    # 5. one step is not stronger than many
+    p20 = acc["pgd20"]
+    tol = noise(p20, n)
+    checks.append(Check("fgsm_vs_pgd", "pass" if acc["fgsm"] >= p20 - tol else "fail",
+                        f"FGSM {acc['fgsm']:.3f} vs PGD-20 {p20:.3f} (noise {tol:.3f})"))
+
+    # 6. black-box attacks are not stronger than white-box ones
+    white = {k: v for k, v in acc.items() if k not in BLACK_BOX and k != "autoattack" and len(masks[k]) == n}
+    wb_name = min(white, key=white.get)
+    bb = [k for k in BLACK_BOX if k in asked]
+    if bb:
+        worst = min(bb, key=lambda k: acc[k])
+        tol = noise(white[wb_name], n)
+        ok = acc[worst] >= white[wb_name] - tol
+        checks.append(Check("blackbox_vs_whitebox", "pass" if ok else "fail",
+                            f"{worst} {acc[worst]:.3f} vs strongest white-box {wb_name} {white[wb_name]:.3f} "
+                            f"(noise {tol:.3f})"))
+    elif "autoattack" in runner.aa_results:
+        comp = runner.aa_results["autoattack"].components
+        before = comp.get("fab-t", comp.get("apgd-t"))
+        if before is not None and "square" in comp:
+            drop = before - comp["square"]
+            tol = noise(before, n)
+            checks.append(Check("blackbox_vs_whitebox", "pass" if drop <= tol else "fail",
+                                f"Square inside AutoAttack took {drop:.3f} more after APGD/FAB "
+                                f"(noise {tol:.3f})"))
+        else:
+            checks.append(Check("blackbox_vs_whitebox", "skip", "AutoAttack's Square component did not run"))
+    else:
+        checks.append(Check("blackbox_vs_whitebox", "skip", "no black-box attack (square, transfer) was run"))
+
+    # 7. AutoAttack is at least as strong as PGD
+    if "autoattack" in acc:
+        tol = noise(p20, n)
+        checks.append(Check("autoattack_vs_pgd", "pass" if acc["autoattack"] <= p20 + tol else "fail",
+                            f"AutoAttack {acc['autoattack']:.3f} vs PGD-20 {p20:.3f} (noise {tol:.3f})"))
+
+    # 8. every attack stayed in its ball and in the pixel box (guards against bugs of our own)
+    bad = [k for k in runner.max_perturbation
+           if runner.max_perturbation[k] > 1 + 1e-4 or runner.outside_box[k] > 1e-6]
+    checks.append(Check("perturbation_in_ball", "fail" if bad else "pass",
+                        f"outside the ball or [0,1]: {', '.join(bad)}" if bad else
+                        "every adversarial image is inside its eps-ball and [0,1]"))
+
+    # 9. AutoAttack's own flags (its checks.py)
+    flags = list(dict.fromkeys(aa_flags))
+    checks.append(Check("autoattack_flags", "fail" if flags else "pass",
+                        "; ".join(flags) if flags else "pyautoattack raised no flag"))
+    return checks
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def _validate(x: Tensor, y: Tensor, attacks: Sequence[str], norm: str, certify: Sequence[str],
+              batch_size: int, seed: int, surrogate: Optional[nn.Module]) -> list[str]:
+    if norm not in ("Linf", "L2"):
+        raise UserError(f"unknown norm {norm!r}; use Linf or L2")
+    if not isinstance(x, Tensor) or x.dim() != 4 or len(x) != len(y):
+        raise UserError("images must be one N x C x H x W tensor with one label each")
+    if len(x) == 0:
+        raise UserError("no images to evaluate: n must be at least 1")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"batch size must be a positive integer, got {batch_size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise UserError(f"seed must be a non-negative integer, got {seed!r}")
+    names = []
+    for a in attacks:
+        get_attack(a)  # raises UserError naming the known attacks
+        if a.strip().lower() not in names:
+            names.append(a.strip().lower())
+    if not names:
+        raise UserError(f"no attack given; known attacks: {attack_names()}")
+    if "transfer" in names and surrogate is None:
+        raise UserError("the transfer attack needs a surrogate model: pass --transfer-from RUN_DIR")
+    for m in certify:
+        if m not in CERTIFY_METHODS:
+            raise UserError(f"unknown certification method {m!r}; known: {', '.join(CERTIFY_METHODS)}")
+    if certify and norm != "Linf":
+        raise UserError("certification covers Linf balls only; drop --certify or use --norm Linf")
+    return names
+
+
+def evaluate_model(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float | str,
+    attacks: Sequence[str] = DEFAULT_ATTACKS,
+    norm: str = "Linf",
+    certify: Sequence[str] = (),
+    transfer_from: Optional[nn.Module] = None,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    eps_curve: Optional[Sequence[float]] = None,
+    progress: bool = True,
+    dataset_meta: Any = None,
+    log: Optional[list[str]] = None,
+    attack_options: Optional[dict[str, dict]] = None,
+    sanity_n: int = 200,
+) -> dict:
+    """Evaluate `model` on images x (pixels in [0,1]) with labels y at radius eps; returns JSON-ready metrics.
+
+    `transfer_from` is the surrogate network of the transfer attack (given one, "transfer" is added to the
+    attacks). PGD-20, PGD-100 and FGSM always run for the sanity checks; `robust_acc` lists the asked ones.
+    The model is moved to `device`. `log` receives pyautoattack's log lines. `attack_options` passes
+    keyword options to single attacks, e.g. {"square": {"n_queries": 1000}, "cw": {"steps": 30}}.
+    The sanity checks' extra attacks at other settings (PGD-100, PGD-20 at a large eps) see only the first
+    `sanity_n` images, which bounds their cost.
+    """
+    eps = eps_value(eps, norm)
+    attacks = list(attacks) + (["transfer"] if transfer_from is not None and "transfer" not in attacks else [])
+    names = _validate(x, y, attacks, norm, certify, batch_size, seed, transfer_from)
+    device = torch.device(device)
+    model.to(device)
+    if transfer_from is not None:
+        transfer_from.to(device)
+    x, y = x.detach().to(device, torch.float32), y.to(device)
+    log = log if log is not None else []
+    n = len(x)
+
+    bar = Progress(TextColumn("[bold]{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(), disable=not progress)
+    with bar:
+        runner = _Runner(model, x, y, eps, norm, batch_size, seed, bar, transfer_from, log,
+                         {k.lower(): dict(v) for k, v in (attack_options or {}).items()})
+        masks: dict[str, Tensor] = {}
+        for name in names:
+            masks[name] = runner.run(name)
+        for extra in ("fgsm", "pgd20"):  # needed by the sanity checks and the curve
+            if extra not in masks:
+                masks[extra] = runner.run(extra)
+        if "pgd100" not in masks:  # the costliest check runs on a subset
+            masks["pgd100"] = runner.run("pgd100", count=sanity_n)
+        acc = {k: _acc(v) for k, v in masks.items()}
+
+        # robustness curve: PGD-20 accuracy over a few radii
+        radii = list(eps_curve) if eps_curve is not None else [0, eps / 4, eps / 2, eps, 2 * eps]
+        if norm == "Linf":
+            radii = [min(r, 1.0) for r in radii]
+        curve: dict[str, float] = {}
+        for r in sorted(set(radii)):
+            key = format_eps(r)
+            if key in curve:
+                continue
+            if r == 0:
+                curve[key] = _acc(runner.clean)
+            elif r == eps:
+                curve[key] = acc["pgd20"]
+            else:
+                curve[key] = _acc(runner.run("pgd20", eps=r, label=f"pgd20@{key}"))
+
+        aa_flags, static_lines = autoattack_static_checks(model, x[:batch_size], y[:batch_size])
+        log.extend(f"[checks] {line}" for line in static_lines)
+        for res in runner.aa_results.values():
+            aa_flags += res.warnings
+        checks = sanity_checks(model, runner, masks, names, aa_flags, sanity_n)
+
+    clean = _acc(runner.clean)
+    robust = {k: acc[k] for k in names}
+    worst = torch.stack([masks[k] for k in names]).all(0)
+    if "autoattack" in robust:
+        r_name = "autoattack"
+    else:
+        r_name = min(robust, key=robust.get)
+    metrics: dict[str, Any] = {
+        "dataset": getattr(dataset_meta, "name", None),
+        "eps": format_eps(eps),
+        "norm": norm,
+        "n": n,
+        "seed": seed,
+        "clean_acc": clean,
+        "robust_acc": robust,
+        "worst_case_acc": _acc(worst),
+    }
+    if metrics["dataset"] is None:
+        del metrics["dataset"]
+    if "autoattack" in runner.aa_results:
+        metrics["autoattack_acc"] = acc["autoattack"]
+        res = runner.aa_results["autoattack"]
+        metrics["autoattack"] = {"version": "standard", "components": res.components, "flags": res.warnings}
+    metrics["hrs"] = hrs(clean, robust[r_name])
+    metrics["hrs_robust_from"] = r_name
+
+    if certify:
+        from robustnas.certify import certified_accuracy, certified_radius
+
+        metrics["certified"], metrics["certified_radius"] = {}, {}
+        cap = min(2 * eps, 1.0) if eps > 0 else 1.0  # radii are searched up to the top of the curve
+        with eval_mode(model):
+            for m in certify:
+                t0 = time.perf_counter()
+                metrics["certified"][m] = float(certified_accuracy(model, x, y, eps, method=m,
+                                                                   batch_size=batch_size))
+                radius = certified_radius(model, x, y, method=m, max_eps=cap, tol=cap / 200,
+                                          batch_size=batch_size)
+                metrics["certified_radius"][m] = float(radius.float().mean().item())
+                runner.seconds[f"certify-{m}"] = time.perf_counter() - t0
+        metrics["certified_radius_max"] = format_eps(cap)
+
+    metrics["robustness_curve"] = curve
+    metrics["params"] = count_params(model)
+    metrics["flops"] = count_flops(model, tuple(x.shape[1:]))
+    metrics["latency_ms_per_image"] = cpu_latency_ms(model, tuple(x.shape[1:]))
+    metrics["attack_seconds"] = {k: round(v, 3) for k, v in runner.seconds.items()}
+    metrics["sanity"] = {c.name: c.as_dict() for c in checks}
+    metrics["reliable"] = all(c.status != "fail" for c in checks)
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------ a run directory
+def _run_config(run_dir: Path) -> dict:
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no config.yaml, so its dataset is unknown: is it a run directory?")
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}")
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path} must hold a mapping at the top level")
+    return cfg
+
+
+def _load(run_dir: Path, device: str) -> tuple[nn.Module, dict]:
+    from robustnas.rundir import load_model
+
+    try:
+        return load_model(run_dir, device=device)
+    except RuntimeError as e:  # load_state_dict reports shape mismatches as RuntimeError even when not strict
+        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise UserError(f"weights in {run_dir}/model.safetensors do not match the architecture in "
+                        f"model.json: {detail}") from None
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    attacks: Sequence[str] = DEFAULT_ATTACKS,
+    eps: Optional[float | str] = None,
+    n: int = 1000,
+    batch_size: int = 256,
+    certify: Sequence[str] = (),
+    transfer_from: Optional[str | Path] = None,
+    device: str = "auto",
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Evaluate the model of a run directory on the first n test images of its dataset, at the run's eps
+    unless told; write metrics.json (the training section kept), report.md and plots/, return the metrics."""
+    from robustnas.data import load_dataset
+    from robustnas.report import write_run_report
+    from robustnas.rundir import atomic_write_text, read_json, write_json
+    from robustnas.training import resolve_device
+
+    run_dir = Path(run_dir)
+    for a in attacks:
+        get_attack(a)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserError(f"n must be a positive number of test images, got {n!r}")
+    dev = resolve_device(device)
+    model, spec = _load(run_dir, str(dev))
+    cfg = _run_config(run_dir)
+    old = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").exists() else {}
+    data_cfg = cfg.get("data") or {}
+    attack_cfg = ((cfg.get("train") or {}).get("attack") or {})
+    name = old.get("dataset") or data_cfg.get("dataset")
+    if not name:
+        raise UserError(f"{run_dir}/config.yaml names no dataset (data.dataset)")
+    data = load_dataset(name, data_dir=data_cfg.get("data_dir"), val_size=data_cfg.get("val_size", 0.1),
+                        subset=data_cfg.get("subset"), seed=int(cfg.get("seed", 0)))
+    in_shape = tuple(spec.get("config", spec).get("in_shape", data.meta.shape))
+    if tuple(in_shape) != tuple(data.meta.shape):
+        raise UserError(f"the model of {run_dir} takes {tuple(in_shape)} images but {name} has "
+                        f"{tuple(data.meta.shape)}")
+    norm = attack_cfg.get("norm", "Linf")
+    eps_text = eps if eps is not None else (old.get("eps") or attack_cfg.get("eps") or data.meta.eps)
+    eps_float = eps_value(eps_text, norm)
+    surrogate = None
+    if transfer_from is not None:
+        surrogate, _ = _load(Path(transfer_from), str(dev))
+        if "transfer" not in [a.strip().lower() for a in attacks]:
+            attacks = list(attacks) + ["transfer"]
+    x, y = data.test.x[:n], data.test.y[:n]
+
+    log: list[str] = []
+    metrics = evaluate_model(model, x, y, eps_float, attacks=attacks, norm=norm, certify=certify,
+                             transfer_from=surrogate, batch_size=batch_size, device=dev, seed=seed,
+                             progress=progress, dataset_meta=data.meta, log=log)
+    if transfer_from is not None:
+        metrics["transfer_from"] = str(transfer_from)
+    metrics["dataset"] = data.meta.name
+    merged = {**old, **metrics}  # the training section (and anything else already there) is kept
+    if log:
+        atomic_write_text(run_dir / "evaluate.log", "\n".join(log) + "\n")
+    write_run_report(run_dir, merged)
+    write_json(run_dir / "metrics.json", merged)
+    return merged
