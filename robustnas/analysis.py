@@ -35,3 +35,20 @@ def pareto_front(points: Sequence[Sequence[float]], maximize: Optional[Sequence[
     if any(len(p) != len(up) for p in pts):
         raise ValueError("every point needs one value per objective")
     return [i for i, p in enumerate(pts) if not any(dominates(q, p, up) for q in pts)]
+
+
+def op_by_position(genotype) -> dict[str, dict[str, int]]:
+    """How often each operation appears in each cell kind of a DARTS-space genotype.
+
+    For ARNAS genotypes the kinds are accurate / robust / reduce: the published finding is that accurate
+    cells (near the input) favour separable convs and skips, robust cells (near the output) dilated convs.
+    """
+    from collections import Counter
+
+    from robustnas.spaces.darts import CELL_KINDS
+
+    table: dict[str, dict[str, int]] = {}
+    for kind in CELL_KINDS[genotype.space]:
+        ops, _ = genotype.cell(kind)
+        table[kind] = dict(Counter(op for op, _ in ops))
+    return table
