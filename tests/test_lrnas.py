@@ -1,0 +1,452 @@
+"""LRNAS: the Monte-Carlo Shapley estimator on games with known values, the momentum update, the batched
+subset evaluation against the naive masked loop and against removing the ops, the budgeted greedy
+selection, and the search loop (search.jsonl contributions, exact resume). Tiny supernets on 8x8 digits."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from robustnas import ops
+from robustnas.attacks import fgsm
+from robustnas.config import RunCommand, validate
+from robustnas.data import load_dataset
+from robustnas.errors import UserError
+from robustnas.genotypes import build_network, load_genotype
+from robustnas.search import SearchContext, build_strategy
+from robustnas.search.lrnas import (GreedySelector, MaskedSubsets, SubsetAccuracy, contribution_values,
+                                    leading_cells, momentum_update, nested_values, player_names, random_orderings,
+                                    removal_drops, select_under_budget, split_players, subsets_forward,
+                                    summarise_contributions, zscore)
+from robustnas.size import count_params, parse_count
+from robustnas.spaces.darts import PRIMITIVES, SuperNet
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_OPS = ["none", "max_pool_3x3", "skip_connect", "sep_conv_3x3", "dil_conv_3x3"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("digits", subset=200, seed=0)
+
+
+def _trained_small_net(data, k: int) -> SuperNet:
+    """A 2-node, 5-op supernet (50 players) in float64, trained a little so that removals matter."""
+    m = data.meta
+    torch.manual_seed(k)
+    net = SuperNet(4, 10, 3, m.shape, m.mean, m.std, steps=2, multiplier=2, primitives=SMALL_OPS,
+                   partial_channels_k=k).double()
+    with torch.no_grad():
+        for a in net.arch_parameters():
+            a.normal_()
+    opt = torch.optim.SGD(net.weight_parameters(), lr=0.1, momentum=0.9)
+    x, y = data.train.x[:128].double(), data.train.y[:128]
+    net.train()
+    for i in range(30):
+        sl = slice(32 * (i % 4), 32 * (i % 4 + 1))
+        loss = F.cross_entropy(net(x[sl]), y[sl])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():  # BatchNorm statistics of the final weights, for eval mode
+        for mod in net.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.reset_running_stats()
+                mod.momentum = None
+        net(x)
+    return net.eval()
+
+
+# ================================================================================================ Shapley core
+def test_additive_game_gives_each_player_its_weight_in_every_ordering():
+    g = torch.Generator().manual_seed(0)
+    P = 20
+    w = torch.randn(P, 2, generator=g, dtype=torch.float64)
+
+    def value(active):  # v(S) = sum of the weights of S, two metrics
+        return active.double() @ w
+
+    orders = random_orderings(P, 5, g)
+    drops, full_drops = [], []
+    for order in orders:
+        values = nested_values(value, order, chunk=7)
+        assert values.shape == (P + 1, 2)
+        torch.testing.assert_close(values[0], w.sum(0))
+        torch.testing.assert_close(values[-1], torch.zeros(2, dtype=torch.float64))
+        d = removal_drops(values, order, "previous")
+        torch.testing.assert_close(d, w)  # the Shapley value of an additive game, exact in every ordering
+        drops.append(d)
+        # "full": the drop against the full set is the cumulative drop along the ordering
+        f = removal_drops(values, order, "full")
+        torch.testing.assert_close(f[order], torch.cumsum(w[order], 0))
+        full_drops.append(f)
+    drops = torch.stack(drops)
+    torch.testing.assert_close(contribution_values(drops), zscore(w[:, 0], 0) + zscore(w[:, 1], 0))
+    assert not torch.allclose(contribution_values(torch.stack(full_drops)), contribution_values(drops))
+
+
+def _unanimity_game(P: int, seed: int):
+    """v(S) = sum_T c_T [T subset of S]: the Shapley value of player i is sum over T containing i of c_T/|T|."""
+    g = torch.Generator().manual_seed(seed)
+    coalitions = [torch.randperm(P, generator=g)[:int(torch.randint(1, 5, (1,), generator=g))] for _ in range(8)]
+    c = torch.randn(len(coalitions), generator=g, dtype=torch.float64)
+    member = torch.zeros(len(coalitions), P, dtype=torch.bool)
+    for t, T in enumerate(coalitions):
+        member[t, T] = True
+    phi = (c[:, None] * member.double() / member.sum(1, keepdim=True)).sum(0)
+
+    def value(active):
+        holds = (active[:, None, :] | ~member[None]).all(-1)  # (G, coalitions): T inside S
+        return (holds.double() @ c)[:, None]
+
+    return value, phi
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_estimator_converges_to_the_shapley_values_of_a_unanimity_game(seed):
+    P = 12
+    value, phi = _unanimity_game(P, seed)
+    g = torch.Generator().manual_seed(100 + seed)
+    drops = []
+    for order in random_orderings(P, 3000, g):
+        values = nested_values(value, order, chunk=P + 1)
+        d = removal_drops(values, order)[:, 0]
+        assert math.isclose(d.sum().item(), (values[0] - values[-1]).item(), abs_tol=1e-12)  # efficiency
+        drops.append(d)
+    drops = torch.stack(drops)
+    errors = {n: (drops[:n].mean(0) - phi).abs().max().item() for n in (10, 100, 3000)}
+    scale = phi.abs().max().item()
+    assert errors[3000] < errors[100] < errors[10]
+    assert errors[3000] < 0.05 * scale
+
+
+def test_estimator_on_a_symmetric_game_built_from_supernet_masks():
+    """v(S) = (share of active ops, normal cell)^2 + (share, reduce cell)^3 from the per-kind masks of the
+    224 DARTS players: players of one cell kind are symmetric, so each gets (h(1) - h(0)) / 112 = 1/112."""
+    net = SuperNet(4, 10, 3, (1, 8, 8), (0.5,), (0.5,))
+    P = len(player_names(net))
+    assert P == 2 * 14 * 8 == 224
+
+    def value(active):
+        masks = split_players(net, active)
+        return (masks["normal"].double().mean((1, 2)) ** 2 + masks["reduce"].double().mean((1, 2)) ** 3)[:, None]
+
+    g = torch.Generator().manual_seed(7)
+    drops = torch.stack([removal_drops(nested_values(value, o, 32), o)[:, 0] for o in random_orderings(P, 400, g)])
+    err = {n: (drops[:n].mean(0) - 1 / 112).abs().max().item() for n in (4, 400)}
+    assert err[400] < err[4] / 4 and err[400] < 0.2 / 112
+    names = player_names(net)
+    assert names[0] == "normal/0/none" and names[-1] == "reduce/13/dil_conv_5x5" and len(set(names)) == P
+
+
+def test_zscore_and_momentum_update():
+    t = torch.tensor([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]])
+    z = zscore(t, 1)
+    torch.testing.assert_close(z[0], torch.tensor([-1.0, 0.0, 1.0]) * math.sqrt(1.5))
+    assert torch.equal(z[1], torch.zeros(3))  # nothing to rank: no NaN
+
+    V = torch.tensor([3.0, -4.0, 0.0], dtype=torch.float64)
+    alpha, v = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    steps = []
+    for _ in range(40):
+        new, v = momentum_update(alpha, v, V, mu=0.2, eta=0.1)
+        steps.append(new - alpha)
+        alpha = new
+    for s in steps:  # every step has length eta along V's direction
+        torch.testing.assert_close(s, 0.1 * V / V.norm())
+    torch.testing.assert_close(v, (1 - 0.8 ** 40) * V / V.norm())
+    # a later opposite value turns the velocity only gradually (momentum)
+    new, v2 = momentum_update(alpha, v, -V, mu=0.2, eta=0.1)
+    assert torch.allclose(new - alpha, 0.1 * V / V.norm())  # 0.8 v - 0.2 v still points along V
+    zero = torch.zeros(3, dtype=torch.float64)
+    same, v3 = momentum_update(alpha, zero, zero, 0.2, 0.1)
+    assert torch.equal(same, alpha) and torch.equal(v3, zero)
+
+
+# ================================================================================================ subsets
+@pytest.mark.parametrize("k", [1, 2])
+def test_batched_subsets_equal_the_masked_supernet_block_by_block(data, k):
+    net = _trained_small_net(data, k)
+    P = len(player_names(net))
+    x = data.train.x[150:158].double()
+    g = torch.Generator().manual_seed(k)
+    active = torch.rand(6, P, generator=g) < 0.5  # arbitrary (not nested) subsets: the index path
+    active[2] = True  # the full supernet
+    active[3] = False  # nothing left
+    masks = split_players(net, active)
+    with torch.no_grad():
+        batched = subsets_forward(net, x.repeat(6, 1, 1, 1), masks, len(x)).view(6, len(x), -1)
+        for b in range(6):
+            with net.masked(**{kind: m[b] for kind, m in masks.items()}):
+                assert torch.equal(batched[b], net(x))
+    with torch.no_grad():
+        assert torch.equal(batched[2], net(x))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_masking_an_op_equals_removing_it_in_the_subset_evaluation(data, k):
+    """Subset g of the batched evaluation, its FGSM examples included, is the supernet with the masked ops
+    replaced by the zero op of their stride."""
+    net = _trained_small_net(data, k)
+    P = len(player_names(net))
+    x, y = data.train.x[150:166].double(), data.train.y[150:166]
+    g = torch.Generator().manual_seed(5)
+    active = torch.rand(3, P, generator=g) < 0.6
+    masks = split_players(net, active)
+    subsets = MaskedSubsets(net, masks, len(x)).eval()
+    x_adv = fgsm(subsets, x.repeat(3, 1, 1, 1), y.repeat(3), 0.1).view(3, *x.shape)
+    with torch.no_grad():
+        logits = subsets(x.repeat(3, 1, 1, 1)).view(3, len(x), -1)
+    for b in range(3):
+        removed = copy.deepcopy(net)
+        for cell, kind in zip(removed.cells, removed.cell_kinds):
+            for e, o in torch.nonzero(~masks[kind][b]).tolist():
+                cell.edges[e].ops[o] = ops.Zero(cell.edges[e].stride)
+        with torch.no_grad():
+            torch.testing.assert_close(logits[b], removed(x), rtol=0, atol=1e-12)
+        torch.testing.assert_close(x_adv[b], fgsm(removed, x, y, 0.1), rtol=0, atol=0)
+    assert not torch.allclose(logits[0], logits[1])  # the removals mattered
+
+
+@pytest.mark.parametrize("k,fgsm_mode", [(1, "full-network"), (2, "full-network"), (2, "per-subset")])
+def test_batched_contribution_values_equal_the_naive_loop_exactly(data, k, fgsm_mode):
+    net = _trained_small_net(data, k)
+    P = len(player_names(net))
+    x, y = data.train.x[150:166].double(), data.train.y[150:166]
+    g = torch.Generator().manual_seed(3)
+    orders = random_orderings(P, 2 if fgsm_mode == "full-network" else 1, g)
+    results = {}
+    reused = 0
+    for impl in ("naive", "batched"):
+        results[impl] = []
+        for o in orders:
+            fn = SubsetAccuracy(net, x, y, 0.1, "Linf", fgsm_mode, impl)
+            results[impl].append(nested_values(fn, o, chunk=13))
+            reused += fn.prefix_reused
+    # with fixed FGSM examples the first cell's output is shared by the subsets that differ in reduce ops only
+    assert leading_cells(net) == 1
+    assert (reused > len(orders) * P // 4) if fgsm_mode == "full-network" else reused == 0
+    for a, b in zip(results["naive"], results["batched"]):
+        assert torch.equal(a, b)
+    values = torch.stack(results["batched"])
+    assert values[:, 0, 0].min() > 0.3 and values[:, 0, 1].max() < values[:, 0, 0].min()  # a real game
+    assert len(torch.unique(values[..., 0])) > 3 and len(torch.unique(values[..., 1])) > 3
+    for marginal in ("previous", "full"):
+        d_n = torch.stack([removal_drops(v, o, marginal) for v, o in zip(results["naive"], orders)])
+        d_b = torch.stack([removal_drops(v, o, marginal) for v, o in zip(results["batched"], orders)])
+        assert torch.equal(contribution_values(d_n), contribution_values(d_b))
+    assert not net.training
+
+
+# ================================================================================================ greedy selection
+def _selector(data, budget, after="free-only", C=4, layers=3):
+    return GreedySelector(data.meta, C, layers, budget, PRIMITIVES, after_budget=after)
+
+
+def _random_alphas(seed):
+    g = torch.Generator().manual_seed(seed)
+    return {"normal": torch.randn(14, 8, generator=g), "reduce": torch.randn(14, 8, generator=g)}
+
+
+def _cpu_params(data, genotype, C=4, layers=3):
+    m = data.meta
+    return count_params(build_network(genotype, C=C, layers=layers, num_classes=m.num_classes, in_shape=m.shape,
+                                      mean=m.mean, std=m.std))
+
+
+@pytest.mark.parametrize("after", ["free-only", "fit"])
+def test_greedy_selection_respects_the_budget_from_tiny_to_large(data, after):
+    empty = _selector(data, None).empty_params()
+    unbounded = _selector(data, None).select(_random_alphas(0)).params
+    assert unbounded > empty
+    for seed in range(2):
+        alphas = _random_alphas(seed)
+        previous = -1
+        for budget in [empty, empty + 50, empty + 400, empty + 1500, (empty + unbounded) // 2, 10 * unbounded]:
+            sel = _selector(data, budget, after).select(alphas)
+            assert sel.params <= budget
+            assert sel.params == _cpu_params(data, sel.genotype)  # the meta-device count is the real one
+            assert sel.params >= previous  # a larger budget never selects less
+            previous = sel.params
+            for e in sel.log:  # no refused op would have been free
+                if e["decision"] in ("over budget", "budget reached"):
+                    assert e["op"] not in ("none", "max_pool_3x3", "avg_pool_3x3")
+            if after == "fit":
+                assert all(e["decision"] != "budget reached" for e in sel.log)
+        assert sel.params == _selector(data, None).select(alphas).params  # the largest budget binds nothing
+
+
+def test_greedy_selection_fills_the_slots_in_alpha_order(data):
+    alphas = _random_alphas(4)
+    sel = _selector(data, _selector(data, None).empty_params() + 1200).select(alphas)
+    log = sel.log
+    assert len(log) == 28
+    assert [e["alpha"] for e in log] == sorted((e["alpha"] for e in log), reverse=True)
+    for e in log:  # each edge offers its best op by raw alpha, `none` allowed
+        row = alphas[e["kind"]][e["edge"]]
+        assert e["op"] == PRIMITIVES[int(row.argmax())] and e["alpha"] == pytest.approx(float(row.max()))
+    # each node's two slots hold its first two added edges, in the order they were added; unfilled: none
+    for kind in ("normal", "reduce"):
+        pairs = sel.genotype.cell(kind)[0]
+        for node in range(4):
+            added = [(e["op"], e["input"]) for e in log if e["kind"] == kind and e["node"] == node
+                     and e["decision"] == "added"]
+            assert len(added) <= 2
+            assert pairs[2 * node:2 * node + len(added)] == added
+            assert all(op == "none" for op, _ in pairs[2 * node + len(added):2 * node + 2])
+            full_at = [i for i, e in enumerate(log) if e["kind"] == kind and e["node"] == node
+                       and e["decision"] == "node full"]
+            if full_at:
+                assert len(added) == 2
+    decisions = {e["decision"] for e in log}
+    assert {"added", "over budget"} <= decisions
+    # past the budget ("free-only"): nothing after the first refusal adds parameters
+    first = next(i for i, e in enumerate(log) if e["decision"] == "over budget")
+    assert all(e["params"] == log[first]["params"] for e in log[first:])
+    # without a budget: every node takes its two best edges by alpha
+    free = _selector(data, None).select(alphas).genotype
+    for kind in ("normal", "reduce"):
+        a = alphas[kind]
+        start = 0
+        for node in range(4):
+            rows = a[start:start + node + 2]
+            best = sorted(range(node + 2), key=lambda j: -float(rows[j].max()))[:2]
+            assert free.cell(kind)[0][2 * node:2 * node + 2] == [(PRIMITIVES[int(rows[j].argmax())], j) for j in best]
+            start += node + 2
+
+
+def test_skip_connect_on_a_stride_two_edge_is_not_free(data):
+    """In a reduce cell skip_connect from the cell inputs is a FactorizedReduce: past the budget it is
+    refused, while skip_connect on a normal edge and pools anywhere still go in."""
+    alphas = {"normal": torch.zeros(14, 8), "reduce": torch.zeros(14, 8)}
+    skip, pool = PRIMITIVES.index("skip_connect"), PRIMITIVES.index("avg_pool_3x3")
+    alphas["reduce"][0, skip] = 3.0   # node 0 <- input 0, stride 2
+    alphas["normal"][0, skip] = 2.0   # node 0 <- input 0, stride 1
+    alphas["reduce"][1, pool] = 1.0   # node 0 <- input 1, stride 2
+    empty = _selector(data, None).empty_params()
+    sel = _selector(data, empty).select(alphas)
+    by = {(e["kind"], e["edge"]): e["decision"] for e in sel.log}
+    assert by[("reduce", 0)] == "over budget"
+    assert by[("normal", 0)] == "added" and by[("reduce", 1)] == "added"
+    assert sel.params == empty
+    assert ("avg_pool_3x3", 1) in sel.genotype.reduce[:2] and ("skip_connect", 0) not in sel.genotype.reduce[:2]
+    assert _selector(data, None).select(alphas).params > empty  # with room, the skip goes in and costs
+
+
+# ================================================================================================ the search
+# warm-up 0: the first epoch trains, then estimates, so that two contribution rounds take two epochs
+TINY = dict(C=4, layers=3, partial_channels_k=1, batch_size=32, epochs=2, warmup_epochs=0, max_batches_per_epoch=6,
+            w_lr=0.1, val_n=16, val_steps=1, orderings=1, contrib_batch_size=12, final_C=4, final_layers=3,
+            max_params="4k")
+
+
+@pytest.fixture(scope="module")
+def search_data():
+    return load_dataset("digits", subset=600, seed=0)
+
+
+def _ctx(data, out=None, **kw) -> SearchContext:
+    return SearchContext(data=data, eps=0.1, seed=3, out_dir=out, progress=False, **kw)
+
+
+def _strip(history):
+    return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s", "contrib_seconds")} for r in history]
+
+
+def test_search_writes_contributions_and_a_resumed_search_equals_an_uninterrupted_one(search_data, tmp_path):
+    data = search_data
+    full_strategy = build_strategy("lrnas", TINY)
+    full = full_strategy.search(_ctx(data, tmp_path / "full"))
+
+    def kill_after_first_epoch(record):
+        if record["epoch"] == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_strategy("lrnas", TINY).search(_ctx(data, tmp_path / "cut", on_epoch_end=kill_after_first_epoch))
+    resumed_strategy = build_strategy("lrnas", TINY)
+    resumed = resumed_strategy.search(_ctx(data, tmp_path / "cut"), resume=True)
+    assert _strip(resumed.history) == _strip(full.history)
+    assert resumed.genotype == full.genotype
+    assert resumed.extra["alpha_raw"] == full.extra["alpha_raw"]
+    assert torch.equal(resumed_strategy.momentum, full_strategy.momentum)  # saved with the checkpoint
+    assert (tmp_path / "cut" / "genotype.json").read_text() == (tmp_path / "full" / "genotype.json").read_text()
+
+    lines = [json.loads(line) for line in (tmp_path / "full" / "search.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in lines] == ["contributions", "contributions"]
+    for r in lines:
+        c = r["contributions"]
+        assert len(c["players"]) == len(c["value"]) == len(c["clean_drop"]) == len(c["fgsm_drop"]) == 224
+        assert c["players"][8 * 14] == "reduce/0/none"
+        assert any(v != 0 for v in c["clean_drop"]) and any(v != 0 for v in c["value"])  # a real estimate
+        assert r["final_params"] <= 4000
+    # each round moves the raw alphas by eta along the normalised momentum
+    torch.manual_seed(3)
+    init = build_strategy("lrnas", TINY).build_supernet(data.meta).alphas()
+    previous = torch.cat([init[k].detach().flatten() for k in ("normal", "reduce")])
+    for r in lines:
+        now = torch.cat([torch.tensor(r["alpha_raw"][k]).flatten() for k in ("normal", "reduce")])
+        assert (now - previous).norm().item() == pytest.approx(0.1, rel=1e-4)
+        previous = now
+
+    # the final genotype is the greedy selection, within the budget, and builds
+    genotype = load_genotype(tmp_path / "full" / "genotype.json")
+    assert genotype == full.genotype
+    assert {k: v for k, v in genotype.to_dict().items() if k != "source"} == lines[-1]["genotype"]
+    assert _cpu_params(data, genotype) == full.extra["final_params"] <= 4000
+    assert [e["decision"] for e in full.extra["selection"]].count("added") <= 16
+    # one search serves other budgets: the selection again from the logged raw alphas
+    again = select_under_budget(lines[-1]["alpha_raw"], data.meta, "4k", 4, 3)
+    assert again.genotype.to_dict() == lines[-1]["genotype"] and again.params == full.extra["final_params"]
+    for budget in ("3k", "6k"):
+        assert select_under_budget(lines[-1]["alpha_raw"], data.meta, budget, 4, 3).params <= parse_count(budget)
+
+    # the report's summary: means per op type and cell kind, per contribution epoch
+    s = summarise_contributions(lines)
+    assert s["epochs"] == [0, 1] and set(s["by_kind"]) == {"normal", "reduce"} and list(s["by_op"]) == PRIMITIVES
+    c = lines[1]["contributions"]
+    sep = [v for n, v in zip(c["players"], c["value"]) if n.startswith("reduce/") and n.endswith("/sep_conv_3x3")]
+    assert s["by_kind_op"]["reduce"]["sep_conv_3x3"][1] == pytest.approx(sum(sep) / 14)
+    assert s["by_op"]["none"][1] == pytest.approx(
+        sum(v for n, v in zip(c["players"], c["value"]) if n.endswith("/none")) / 28)
+    d = summarise_contributions(lines, "fgsm_drop")
+    assert d["metric"] == "fgsm_drop" and len(d["by_kind"]["normal"]) == 2
+    assert summarise_contributions([{"epoch": 0, "stage": "warm-up"}])["epochs"] == []
+
+
+def test_settings_are_checked_with_one_line(data):
+    with pytest.raises(UserError, match="bad setting max_params"):
+        build_strategy("lrnas", {"max_params": "lots"})
+    with pytest.raises(UserError, match="final_C"):
+        build_strategy("lrnas", {"final_C": 9})
+    with pytest.raises(UserError, match="bad setting fgsm"):
+        build_strategy("lrnas", {"fgsm": "sometimes"})
+    strat = build_strategy("lrnas", {**TINY, "max_params": "1k"})
+    with pytest.raises(UserError, match="max_params=1.0k is below the .* parameters of the final network"):
+        strat.search(_ctx(data))
+    cfg = build_strategy("lrnas").cfg
+    assert (cfg.orderings, cfg.mu, cfg.eta, cfg.marginal, cfg.weight_adv) == (10, 0.2, 0.1, "previous", "none")
+
+
+def test_shipped_config_validates_and_matches_the_final_network(data):
+    raw = yaml.safe_load((ROOT / "configs" / "lrnas.yaml").read_text())
+    cmd = validate(RunCommand, raw)
+    assert cmd.method == "lrnas"
+    strat = build_strategy(cmd.method, cmd.search)
+    assert (strat.cfg.final_C, strat.cfg.final_layers) == (cmd.final.C, cmd.final.layers)
+    assert strat.cfg.weight_adv == "none" and strat.cfg.max_params is not None
