@@ -1,0 +1,174 @@
+"""DSRNA (Hosseini, Yang & Xie, CVPR 2021): differentiable search of robust architectures.
+
+DARTS with a robustness metric R in the alpha objective: min_alpha L_val - gamma * R, gamma = 0.01, first
+order by default. R is one of (METHODS.md section 4):
+
+- "jacobian": R_Jac = -(eps/K) * mean_x sum_k ||grad_x f_k(x)||_q (robustnas.jacobian), exact or by random
+  projection;
+- "cb": R_CB = mean over the batch of the certified lower bound of the margin f_y - max_{j != y} f_j over
+  the eps-ball, propagated through the supernet (robustnas.certify; a MixedOp's bound is the
+  softmax(alpha)-weighted sum of its ops' bounds, so the bound is differentiable in alpha);
+- "combined": R_CB + R_Jac.
+
+Both metrics are taken in eval mode (BatchNorm with running statistics), so that each sample's bound and
+Jacobian are its own, as in the certified evaluation. Optionally (an unofficial reimplementation's
+addition) the weights also maximise R: L_train - weight_reg * R after `weight_reg_start` epochs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator, model_validator
+from torch import Tensor, nn
+
+from robustnas.attacks import eval_mode
+from robustnas.certify import margin_lower_bound
+from robustnas.config import parse_eps
+from robustnas.errors import UserError
+from robustnas.jacobian import jacobian_metric
+from robustnas.search.base import SearchContext, register
+from robustnas.search.supernet import SearchBatch, SupernetConfig, SupernetSearch
+from robustnas.training import epoch_seed
+
+
+def certified_bound_metric(model: nn.Module, x: Tensor, y: Tensor, eps: float, method: str = "ibp",
+                           form: Literal["margin", "asinh"] = "margin") -> Tensor:
+    """R_CB: the batch mean of the margin lower bound over the Linf eps-ball (within [0, 1]).
+
+    Differentiable in the model's parameters, a supernet's alphas included. form="asinh" averages
+    asinh(bound) instead: the same sign and order, but a bounded gradient when the bound is vacuous
+    (on a deep supernet, interval bounds are far below zero; see docs/dsrna.md).
+    """
+    bound = margin_lower_bound(model, x, y, eps, method)
+    if form == "asinh":
+        bound = torch.asinh(bound)
+    elif form != "margin":
+        raise UserError(f"dsrna: unknown cb_form {form!r}; use margin or asinh")
+    return bound.mean()
+
+
+class DsrnaConfig(SupernetConfig):
+    """DSRNA settings. SupernetConfig holds the shared DARTS ones (first order by default; PC-DARTS via
+    partial_channels_k); published CIFAR-10 values in the comments."""
+
+    metric: Literal["jacobian", "cb", "combined"] = "jacobian"
+    gamma: float = Field(default=0.01, ge=0)                # 0.01
+    # Jacobian metric: "projection" (one random product per sample) or "exact" (one product per class)
+    jacobian_mode: Literal["exact", "projection"] = "projection"
+    projections: int = Field(default=1, ge=1)
+    projection: Literal["sphere", "gaussian"] = "sphere"
+    # certified-bound metric: interval bounds (cheap) or CROWN-IBP (tighter; memory-hungry on big supernets)
+    cb_method: Literal["ibp", "crown-ibp"] = "ibp"
+    cb_eps: Optional[str] = None                            # None: the search's threat eps
+    cb_form: Literal["margin", "asinh"] = "margin"          # margin: the paper's R_CB
+    metric_n: Optional[int] = Field(default=None, ge=1)     # alpha-batch images the metric sees; None: all
+    # optional weight regularisation (an unofficial reimplementation: 1e-4 after 10 warm-up epochs)
+    weight_reg: float = Field(default=0.0, ge=0)
+    weight_reg_start: int = Field(default=10, ge=0)
+    # the metric on the first val_metric_n validation images, logged every epoch (0: off)
+    val_metric_n: int = Field(default=32, ge=0)
+
+    @field_validator("cb_eps", mode="before")
+    @classmethod
+    def _check_cb_eps(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        try:
+            parse_eps(v)
+        except UserError as e:  # a ValueError, so that the one-line message names the field
+            raise ValueError(str(e)) from None
+        return str(v)
+
+    @model_validator(mode="after")
+    def _check_weight_reg(self) -> "DsrnaConfig":
+        if self.weight_reg > 0 and self.weight_reg_start >= self.epochs:
+            raise ValueError(f"weight_reg_start={self.weight_reg_start} is past the last epoch "
+                             f"(epochs={self.epochs}); lower it or set weight_reg: 0")
+        return self
+
+
+@register
+class Dsrna(SupernetSearch):
+    name = "dsrna"
+    Config = DsrnaConfig
+
+    def setup(self, ctx: SearchContext) -> None:
+        if ctx.norm != "Linf" and self.cfg.metric in ("cb", "combined"):
+            raise UserError(f"dsrna: the certified-bound metric bounds Linf balls only, but the threat norm is "
+                            f"{ctx.norm}; use --metric jacobian for L2")
+        super().setup(ctx)
+        self.cb_eps = parse_eps(self.cfg.cb_eps) if self.cfg.cb_eps is not None else self.eps
+        self._epoch = 0
+
+    # ------------------------------------------------------------------------------------ the metric
+    def metric(self, model: nn.Module, x: Tensor, y: Tensor, create_graph: bool = True,
+               generator: Optional[torch.Generator] = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """(R, its parts) on (x, y), in eval mode (the model's mode is restored); differentiable unless
+        create_graph=False."""
+        cfg = self.cfg
+        parts: dict[str, Tensor] = {}
+        with eval_mode(model), torch.set_grad_enabled(True):
+            if cfg.metric in ("jacobian", "combined"):
+                parts["metric_jacobian"] = jacobian_metric(
+                    model, x, self.eps, self.norm, cfg.jacobian_mode, cfg.projections, cfg.projection,
+                    generator=generator, create_graph=create_graph)
+            if cfg.metric in ("cb", "combined"):
+                with torch.set_grad_enabled(create_graph):
+                    parts["metric_cb"] = certified_bound_metric(model, x, y, self.cb_eps, cfg.cb_method, cfg.cb_form)
+        r = sum(parts.values())
+        if not create_graph:
+            r, parts = r.detach(), {k: v.detach() for k, v in parts.items()}
+        return r, parts
+
+    def alpha_step(self, batch: SearchBatch) -> dict[str, Any]:
+        """Descend L_val - gamma * R in the alphas (first or second order, through `hypergradients`)."""
+        n = self.cfg.metric_n or len(batch.y_a)
+        x_m, y_m = batch.x_a[:n], batch.y_a[:n]
+        figures: dict[str, Tensor] = {}
+
+        def loss(m: nn.Module) -> Tensor:
+            ce = F.cross_entropy(m(batch.x_a), batch.y_a)
+            r, parts = self.metric(m, x_m, y_m)
+            figures.update({"ce_val": ce.detach(), "metric": r.detach(), **{k: v.detach() for k, v in parts.items()}})
+            return ce - self.cfg.gamma * r
+
+        (grad,), (value,) = self.hypergradients(batch, loss)
+        self.apply_alpha_gradient(grad)
+        return {"alpha_loss": value, **figures}
+
+    # ------------------------------------------------------------------------------------ weight step
+    def search_step(self, x_w: Tensor, y_w: Tensor, x_a: Tensor, y_a: Tensor, lr: float, epoch: int = 0,
+                    step: int = 0, update_alphas: bool = True) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        self._epoch = epoch  # the weight loss needs it (weight_reg_start)
+        self._weight_metric: Optional[Tensor] = None
+        loss, correct, info = super().search_step(x_w, y_w, x_a, y_a, lr, epoch, step, update_alphas)
+        if self._weight_metric is not None:
+            info = {**info, "weight_metric": self._weight_metric}
+        return loss, correct, info
+
+    def weight_reg_on(self) -> bool:
+        return self.cfg.weight_reg > 0 and self._epoch >= self.cfg.weight_reg_start
+
+    def weight_loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """L_train, minus weight_reg * R once the weight regularisation is on."""
+        loss, logits = super().weight_loss(model, x, y)
+        if self.weight_reg_on():
+            r, _ = self.metric(model, x, y)
+            self._weight_metric = r.detach()
+            loss = loss - self.cfg.weight_reg * r
+        return loss, logits
+
+    # ------------------------------------------------------------------------------------ logging
+    def epoch_info(self, epoch: int) -> dict[str, Any]:
+        """The metric on fixed validation images (the same ones every epoch; fixed projections)."""
+        n = min(self.cfg.val_metric_n, len(self.ctx.data.val))
+        if n == 0:
+            return {}
+        x = self.ctx.data.val.x[:n].to(self.device)
+        y = self.ctx.data.val.y[:n].to(self.device)
+        g = torch.Generator(device=self.device).manual_seed(epoch_seed(self.ctx.seed, 20_000))
+        r, parts = self.metric(self.net, x, y, create_graph=False, generator=g)
+        return {"val_metric": r.item(), **{f"val_{k}": v.item() for k, v in parts.items()}}

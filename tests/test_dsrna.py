@@ -1,0 +1,332 @@
+"""DSRNA: the Jacobian metric (against torch's Jacobian and finite differences, unbiased projections,
+differentiable in weights), the certified-bound metric through the supernet (sound on sampled
+perturbations, differentiable in alpha), and the dsrna strategy (alpha objective, logging, resume)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustnas.certify import margin_lower_bound
+from robustnas.data import load_dataset
+from robustnas.errors import UserError
+from robustnas.jacobian import dual_order, frobenius_sq_estimate, jacobian_metric, jacobian_row_norms
+from robustnas.search import SearchContext, build_strategy
+from robustnas.search.dsrna import Dsrna, certified_bound_metric
+from robustnas.search.supernet import SearchBatch
+from robustnas.spaces.darts import SuperNet
+
+TINY = dict(C=4, layers=3, batch_size=16, epochs=2, max_batches_per_epoch=2, val_n=16, val_steps=1,
+            val_metric_n=8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("digits", subset=200, seed=0)
+
+
+def _smooth_net(seed: int = 0) -> nn.Module:
+    """A small conv net with tanh: smooth, so finite differences are accurate in double precision."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 12, 5)).double()
+
+
+def _x(n: int = 4, seed: int = 1) -> torch.Tensor:
+    return torch.rand(n, 1, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def _torch_jacobian(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(N, K, d) per-sample Jacobians from torch.autograd.functional.jacobian, one sample at a time."""
+    rows = [torch.autograd.functional.jacobian(lambda z: net(z[None])[0], xi).reshape(-1, xi.numel()) for xi in x]
+    return torch.stack(rows)
+
+
+# ------------------------------------------------------------------------------------------- the Jacobian metric
+@pytest.mark.parametrize("q", [1.0, 2.0])
+def test_exact_row_norms_match_torch_jacobian(q):
+    net, x = _smooth_net(), _x()
+    J = _torch_jacobian(net, x)
+    ours = jacobian_row_norms(net, x, q)
+    torch.testing.assert_close(ours, torch.linalg.vector_norm(J, ord=q, dim=2), rtol=1e-10, atol=1e-12)
+    assert ours.requires_grad  # create_graph: a loss built on it can be differentiated again
+
+
+def test_exact_row_norms_match_finite_differences():
+    net, x = _smooth_net(2), _x(3, seed=5)
+    d, h = x[0].numel(), 1e-6
+    fd = torch.zeros(3, 5, d, dtype=torch.float64)
+    with torch.no_grad():
+        for j in range(d):
+            e = torch.zeros(d, dtype=torch.float64)
+            e[j] = h
+            e = e.view(1, *x.shape[1:])
+            fd[:, :, j] = (net(x + e) - net(x - e)) / (2 * h)
+    for q in (1.0, 2.0):
+        torch.testing.assert_close(jacobian_row_norms(net, x, q, create_graph=False),
+                                   torch.linalg.vector_norm(fd, ord=q, dim=2), rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_exact_metric_is_the_published_formula_and_linear_in_eps(norm):
+    net, x = _smooth_net(), _x()
+    J = _torch_jacobian(net, x)
+    q = dual_order(norm)
+    expected = -(0.1 / 5) * torch.linalg.vector_norm(J, ord=q, dim=2).sum(1).mean()
+    torch.testing.assert_close(jacobian_metric(net, x, 0.1, norm), expected, rtol=1e-10, atol=0)
+    torch.testing.assert_close(jacobian_metric(net, x, 0.3, norm), 3 * expected, rtol=1e-10, atol=0)
+    assert jacobian_metric(net, x, 0.0, norm).item() == 0.0
+
+
+@pytest.mark.parametrize("projection", ["sphere", "gaussian"])
+def test_projection_estimate_is_unbiased(projection):
+    net, x = _smooth_net(3), _x(3, seed=7)
+    exact = _torch_jacobian(net, x).square().sum((1, 2))
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([frobenius_sq_estimate(net, x, projection=projection, generator=g, create_graph=False)
+                         for _ in range(3000)])
+    mean, se = draws.mean(0), draws.std(0) / math.sqrt(len(draws))
+    assert bool((draws.std(0) > 0.05 * exact).all())  # one draw is noisy: this is an estimate
+    assert bool(((mean - exact).abs() < 4 * se).all()), (mean, exact, se)
+    # the `projections` argument averages draws: many of them land near the exact value
+    many = frobenius_sq_estimate(net, x, projections=2000, projection=projection, generator=g)
+    torch.testing.assert_close(many, exact, rtol=0.1, atol=0)
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_projection_metric_has_the_scale_of_the_frobenius_bound(norm):
+    """Many projections: R -> -(eps/K) * c_q * sqrt(K) * mean ||J||_F, an upper bound on the exact sum."""
+    net, x = _smooth_net(4), _x()
+    J = _torch_jacobian(net, x)
+    c = math.sqrt(x[0].numel()) if norm == "Linf" else 1.0
+    bound = -(0.1 / 5) * c * math.sqrt(5) * J.square().sum((1, 2)).sqrt().mean()
+    g = torch.Generator().manual_seed(1)
+    proj = jacobian_metric(net, x, 0.1, norm, mode="projection", projections=3000, generator=g)
+    torch.testing.assert_close(proj, bound, rtol=0.05, atol=0)
+    assert proj.item() <= jacobian_metric(net, x, 0.1, norm).item()
+
+
+@pytest.mark.parametrize("mode", ["exact", "projection"])
+def test_metric_gradient_in_the_weights_matches_finite_differences(mode):
+    net, x = _smooth_net(5), _x()
+    w = net[0].weight
+    direction = torch.randn(w.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def metric() -> torch.Tensor:  # the same projections at every call
+        return jacobian_metric(net, x, 0.1, "Linf", mode, generator=torch.Generator().manual_seed(9))
+
+    (grad,) = torch.autograd.grad(metric(), w)
+    h = 1e-6
+    with torch.no_grad():
+        w += h * direction
+        plus = metric().item()
+        w -= 2 * h * direction
+        minus = metric().item()
+        w += h * direction
+    fd = (plus - minus) / (2 * h)
+    assert abs(fd) > 1e-6
+    assert abs((grad * direction).sum().item() - fd) < 1e-5 * abs(fd)
+
+
+def test_bad_arguments_raise_user_errors():
+    net, x = _smooth_net(), _x()
+    with pytest.raises(UserError, match="eps"):
+        jacobian_metric(net, x, -0.1)
+    with pytest.raises(UserError, match="norm"):
+        jacobian_metric(net, x, 0.1, "L3")
+    with pytest.raises(UserError, match="mode"):
+        jacobian_metric(net, x, 0.1, mode="fast")
+    with pytest.raises(UserError, match="projections"):
+        frobenius_sq_estimate(net, x, projections=0)
+    with pytest.raises(UserError, match="logits"):
+        jacobian_metric(nn.Identity(), x, 0.1)
+
+
+# ------------------------------------------------------------------------------------------- the supernet
+def _supernet(data, k: int = 1, seed: int = 0) -> SuperNet:
+    """A tiny supernet whose BatchNorm running statistics have seen some data (the bounds use them)."""
+    m = data.meta
+    torch.manual_seed(seed)
+    net = SuperNet(4, 10, 3, m.shape, m.mean, m.std, partial_channels_k=k)
+    with torch.no_grad():
+        net.alpha_normal.normal_(0, 0.5)  # ops weigh differently, as they do during a search
+        net.alpha_reduce.normal_(0, 0.5)
+        net.train()
+        for i in range(0, 96, 32):
+            net(data.train.x[i:i + 32])
+    return net.eval()
+
+
+def _margins(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        z = net(x)
+    true = z.gather(1, y[:, None]).squeeze(1)
+    return true - z.scatter(1, y[:, None], float("-inf")).max(1).values
+
+
+@pytest.mark.parametrize("method,k", [("ibp", 1), ("crown-ibp", 1), ("ibp", 2)])
+def test_certified_bound_is_sound_on_sampled_perturbations_of_the_supernet(data, method, k):
+    net = _supernet(data, k)
+    x, y = data.val.x[:4], data.val.y[:4]
+    for eps in (1e-4, 1e-3):
+        with torch.no_grad():
+            bound = margin_lower_bound(net, x, y, eps, method)
+        g = torch.Generator().manual_seed(0)
+        # random points of the ball and random corners, clipped to the pixel box, all in one batch
+        u = torch.rand(40, *x.shape, generator=g)
+        deltas = torch.cat([(2 * u - 1) * eps, torch.sign(u - 0.5) * eps])
+        points = (x[None] + deltas).clamp(0, 1).reshape(-1, *x.shape[1:])
+        sampled = _margins(net, points, y.repeat(len(deltas))).view(len(deltas), len(x))
+        worst = torch.minimum(sampled.min(0).values, _margins(net, x, y))
+        assert bool((bound <= worst + 1e-4).all()), (method, eps, bound, worst)
+    # not vacuous at a tiny radius: the bound closes in on the clean margin
+    with torch.no_grad():
+        tiny = margin_lower_bound(net, x, y, 1e-8, method)
+    torch.testing.assert_close(tiny, _margins(net, x, y), rtol=0, atol=1e-2)
+
+
+def _dsrna(data, **kw) -> Dsrna:
+    strat = build_strategy("dsrna", {**TINY, **kw})
+    strat.setup(SearchContext(data=data, eps=0.01, seed=3, progress=False))
+    with torch.no_grad():
+        strat.net.train()
+        strat.net(data.train.x[:32])  # BN running statistics away from their initial values
+    return strat
+
+
+@pytest.mark.parametrize("settings", [
+    {"metric": "jacobian", "jacobian_mode": "exact"},
+    {"metric": "jacobian", "jacobian_mode": "projection"},
+    {"metric": "cb", "cb_method": "ibp"},
+    {"metric": "cb", "cb_method": "crown-ibp", "cb_form": "asinh"},
+    {"metric": "combined"},
+])
+def test_alpha_gradient_of_each_metric_is_nonzero_and_finite(data, settings):
+    strat = _dsrna(data, **settings)
+    x, y = data.train.x[:4], data.train.y[:4]
+    r, parts = strat.metric(strat.net, x, y)
+    assert strat.net.training  # the caller's mode is back
+    grads = torch.autograd.grad(r, strat.alphas)
+    for g in grads:
+        assert bool(torch.isfinite(g).all()) and g.abs().sum() > 0
+    if settings["metric"] == "combined":
+        assert set(parts) == {"metric_jacobian", "metric_cb"}
+        torch.testing.assert_close(r, parts["metric_jacobian"] + parts["metric_cb"])
+    assert all(a.grad is None for a in strat.alphas)
+
+
+def test_alpha_step_descends_val_loss_minus_gamma_times_the_metric(data):
+    """The gradient the alpha optimizer gets is d(CE_val - gamma * R)/d alpha, taken here by hand."""
+    strat = _dsrna(data, metric="combined", gamma=0.5, metric_n=5)
+    x, y = data.train.x, data.train.y
+    batch = SearchBatch(x[:16], y[:16], x[:16], x[16:32], y[16:32], 0.025, 0, 0)
+    torch.manual_seed(0)
+    net = strat.net.eval()  # no BatchNorm statistics updates between the two computations
+    ce = F.cross_entropy(net(batch.x_a), batch.y_a)
+    r, _ = strat.metric(net, batch.x_a[:5], batch.y_a[:5])
+    expected = torch.autograd.grad(ce - 0.5 * r, strat.alphas)
+
+    captured = {}
+    strat.apply_alpha_gradient = lambda grads: captured.setdefault("g", grads)
+    torch.manual_seed(0)  # the same projections
+    info = strat.alpha_step(batch)
+    for g, e in zip(captured["g"], expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(info["alpha_loss"], (ce - 0.5 * r).detach(), rtol=1e-5, atol=1e-6)
+    assert set(info) >= {"ce_val", "metric", "metric_jacobian", "metric_cb"}
+
+
+def test_alpha_steps_on_the_metric_alone_raise_it(data):
+    strat = _dsrna(data, metric="cb", gamma=1e4, alpha_lr=0.02, alpha_weight_decay=0.0)
+    x, y = data.train.x, data.train.y
+    batch = SearchBatch(x[:16], y[:16], x[:16], x[16:24], y[16:24], 0.025, 0, 0)
+    strat.net.eval()  # fixed BatchNorm statistics: only the alphas change R
+    before, _ = strat.metric(strat.net, batch.x_a, batch.y_a, create_graph=False)
+    for _ in range(3):
+        strat.alpha_step(batch)
+    after, _ = strat.metric(strat.net, batch.x_a, batch.y_a, create_graph=False)
+    assert after.item() > before.item()
+
+
+def test_weight_regularisation_starts_after_its_warmup(data):
+    strat = _dsrna(data, metric="cb", weight_reg=1e-2, weight_reg_start=1)
+    x, y = data.train.x[:8], data.train.y[:8]
+    strat.net.eval()
+    strat._epoch = 0
+    plain, _ = strat.weight_loss(strat.net, x, y)
+    torch.testing.assert_close(plain, F.cross_entropy(strat.net(x), y))
+    strat._epoch = 1
+    regularised, _ = strat.weight_loss(strat.net, x, y)
+    r, _ = strat.metric(strat.net, x, y)
+    torch.testing.assert_close(regularised, F.cross_entropy(strat.net(x), y) - 1e-2 * r)
+
+
+def test_settings_are_checked(data):
+    with pytest.raises(UserError, match="bad setting metric"):
+        build_strategy("dsrna", {"metric": "lipschitz"})
+    with pytest.raises(UserError, match="cb_eps"):
+        build_strategy("dsrna", {"cb_eps": "2"})
+    with pytest.raises(UserError, match="weight_reg_start"):
+        build_strategy("dsrna", {"epochs": 5, "weight_reg": 1e-4, "weight_reg_start": 10})
+    strat = build_strategy("dsrna", {**TINY, "metric": "cb"})
+    with pytest.raises(UserError, match="Linf"):
+        strat.search(SearchContext(data=data, eps=0.5, norm="L2", progress=False))
+    assert build_strategy("dsrna").cfg.order == "first" and build_strategy("dsrna").cfg.gamma == 0.01
+
+
+# ------------------------------------------------------------------------------------------- the search
+def test_killed_and_resumed_search_equals_an_uninterrupted_one(data, tmp_path):
+    # combined metric with random projections and PC-DARTS: every random and stateful part is exercised
+    settings = {**TINY, "metric": "combined", "partial_channels_k": 2, "max_batches_per_epoch": 1, "metric_n": 4}
+
+    def ctx(out, **kw):
+        return SearchContext(data=data, eps=0.03, seed=5, out_dir=out, progress=False, **kw)
+
+    full = build_strategy("dsrna", settings).search(ctx(tmp_path / "full"))
+
+    def kill_after_first_epoch(record):
+        if record["epoch"] == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_strategy("dsrna", settings).search(ctx(tmp_path / "cut", on_epoch_end=kill_after_first_epoch))
+    resumed = build_strategy("dsrna", settings).search(ctx(tmp_path / "cut"), resume=True)
+
+    def strip(history):
+        return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in history]
+
+    assert strip(resumed.history) == strip(full.history)
+    assert resumed.genotype == full.genotype
+    assert resumed.extra["alphas"] == full.extra["alphas"]
+
+    lines = [json.loads(line) for line in (tmp_path / "full" / "search.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [0, 1]
+    for r in lines:
+        # the metric on fixed validation images, every epoch
+        assert r["val_metric"] == pytest.approx(r["val_metric_jacobian"] + r["val_metric_cb"])
+        assert r["val_metric_jacobian"] < 0
+        # and its batch average from the alpha steps
+        assert math.isfinite(r["metric"]) and r["metric"] == pytest.approx(r["metric_jacobian"] + r["metric_cb"])
+        assert r["alpha_loss"] == pytest.approx(r["ce_val"] - 0.01 * r["metric"], rel=1e-5)
+
+
+def test_the_shipped_config_is_a_valid_run_of_this_method():
+    from robustnas.config import RunCommand, load_yaml, validate
+
+    cmd = validate(RunCommand, load_yaml(Path(__file__).resolve().parents[1] / "configs" / "dsrna.yaml"))
+    strat = build_strategy(cmd.method, cmd.search)
+    assert isinstance(strat, Dsrna) and strat.cfg.gamma == 0.01 and strat.cfg.order == "first"
+    assert cmd.train.adv == "none"  # the paper's final training; adversarial is one setting away
