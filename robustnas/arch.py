@@ -44,6 +44,8 @@ def build_arch(arch: str, meta: DatasetMeta, params: Optional[int] = None, width
         from robustnas.genotypes import load_genotype
 
         genotype = load_genotype(arch)
+        if genotype.space == "tiny":
+            return _build_tiny(genotype, meta, params=params, width=width, C=C, layers=layers, **net_kw)
         layers = layers or DEFAULT_LAYERS
         if C is None:
             C = channels_for_params(genotype, meta, layers, params, **net_kw) if params else DEFAULT_C
@@ -55,23 +57,36 @@ def build_arch(arch: str, meta: DatasetMeta, params: Optional[int] = None, width
                     f"or a path to a genotype JSON")
 
 
+def _build_tiny(genotype, meta: DatasetMeta, params=None, width=None, C=None, layers=None, **net_kw):
+    """A tiny-block genotype fixes every width and the depth: any sizing option is an error, not ignored."""
+    given = [k for k, v in dict(params=params, width=width, C=C, layers=layers, **net_kw).items() if v is not None]
+    if given:
+        raise UserError(f"a tiny-block genotype fixes its own widths and depth; drop {', '.join(given)} "
+                        f"(pick a smaller or larger member of the TAM-NAS front instead)")
+    from robustnas.spaces.tiny import model_spec, network_from_spec
+
+    spec = model_spec(genotype, meta.num_classes, meta.shape, meta.mean, meta.std)
+    return network_from_spec(spec), spec
+
+
 def channels_for_params(genotype, meta: DatasetMeta, layers: int, params: int, **net_kw) -> int:
-    """Smallest-error initial channel count C for a parameter budget (params grow monotonically with C)."""
+    """The even initial channel count C closest to a parameter budget (params grow monotonically with C)."""
     from robustnas.genotypes import build_network
 
     def size(c: int) -> int:
         return count_params(build_network(genotype, C=c, layers=layers, num_classes=meta.num_classes,
                                           in_shape=meta.shape, mean=meta.mean, std=meta.std, **net_kw))
 
+    # final networks need an even C (FactorizedReduce halves it): search over C = 2k
     lo, hi = 1, 2
-    while size(hi) < params:
+    while size(2 * hi) < params:
         lo, hi = hi, hi * 2
-        if hi > 4096:
+        if hi > 2048:
             raise UserError(f"a budget of {params} parameters is beyond reach for {layers} cells")
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if size(mid) < params else (lo, mid)
-    best = min((lo, hi), key=lambda c: abs(size(c) - params))
+        lo, hi = (mid, hi) if size(2 * mid) < params else (lo, mid)
+    best = min((2 * lo, 2 * hi), key=lambda c: abs(size(c) - params))
     if abs(size(best) - params) > 0.1 * params:
         raise UserError(f"no channel count gets {layers} cells within 10% of {params} parameters "
                         f"(closest: C={best} with {size(best)}); change --layers")
@@ -85,9 +100,13 @@ def model_from_spec(spec: dict) -> nn.Module:
 
         return model_from_config(spec["config"])
     if kind == "genotype":
-        from robustnas.genotypes import build_network
-        from robustnas.spaces.darts import Genotype
+        from robustnas.genotypes import build_network, genotype_from_dict
 
+        genotype = genotype_from_dict(spec["genotype"])
+        if genotype.space == "tiny":
+            from robustnas.spaces.tiny import network_from_spec
+
+            return network_from_spec(spec)
         kw = {k: v for k, v in spec.items() if k not in ("kind", "genotype", "in_shape")}
-        return build_network(Genotype.from_dict(spec["genotype"]), in_shape=tuple(spec["in_shape"]), **kw)
+        return build_network(genotype, in_shape=tuple(spec["in_shape"]), **kw)
     raise UserError(f"model.json has unknown kind {kind!r}; expected 'handcrafted' or 'genotype'")

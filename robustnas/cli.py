@@ -132,6 +132,9 @@ def search(
     subset: Optional[int] = typer.Option(None),
     eps: Optional[str] = typer.Option(None),
     epochs: Optional[int] = typer.Option(None, help="search epochs (the method's own setting)"),
+    max_params: Optional[str] = typer.Option(None, help="lrnas, tamnas: parameter ceiling of the final network, "
+                                                        "e.g. 100k or 2M"),
+    metric: Optional[str] = typer.Option(None, help="dsrna: jacobian | cb | combined"),
     seed: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None),
     out: Optional[str] = typer.Option(None),
@@ -144,7 +147,7 @@ def search(
 
     base = _run(load_yaml, config) if config else {}
     base = {k: v for k, v in base.items() if k in SearchCommand.model_fields}
-    flags = {"method": method, "seed": seed, "device": device, "out": out, "search": {"epochs": epochs},
+    flags = {"method": method, "seed": seed, "device": device, "out": out, "search": {"epochs": epochs, "max_params": max_params, "metric": metric},
              "data": {"dataset": dataset, "data_dir": data_dir, "subset": subset}, "attack": {"eps": eps}}
     cmd = _run(validate, SearchCommand, deep_update(base, flags))
     result, out_dir = _run(search_run, cmd, resume=resume, progress=progress)
@@ -155,6 +158,7 @@ def search(
 def run(
     config: str = typer.Option(..., help="YAML: data, method, search, final, train, evaluate, baseline"),
     out: Optional[str] = typer.Option(None),
+    max_params: Optional[str] = typer.Option(None, help="lrnas, tamnas: parameter ceiling of the final network"),
     seed: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None),
     resume: bool = typer.Option(False),
@@ -164,7 +168,8 @@ def run(
     from robustnas.pipeline import run_pipeline
 
     base = _run(load_yaml, config)
-    cmd = _run(validate, RunCommand, deep_update(base, {"out": out, "seed": seed, "device": device}))
+    cmd = _run(validate, RunCommand, deep_update(base, {"out": out, "seed": seed, "device": device,
+                                                        "search": {"max_params": max_params}}))
     m = _run(run_pipeline, cmd, resume=resume, progress=progress)
     _print_metrics(f"{m['run_dir']} (searched)", m)
     if m.get("baseline"):

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from robustnas.errors import UserError
 
@@ -83,11 +83,18 @@ class TrainConfig(Base):
     adv: AdvKind = "pgd"
     trades_beta: float = 6.0
     attack: AttackConfig = AttackConfig()
-    # model selection on robust validation accuracy counters robust overfitting
-    select: Literal["robust", "clean", "last"] = "robust"
+    # model selection on robust validation accuracy counters robust overfitting; None: "robust" under
+    # adversarial training, "clean" under standard training (robust accuracy there is ~0 and noisy)
+    select: Optional[Literal["robust", "clean", "last"]] = None
     val_steps: int = Field(default=10, ge=1)
     val_n: int = Field(default=1000, ge=1)
     grad_clip: Optional[float] = None
+
+    @model_validator(mode="after")
+    def _default_select(self) -> "TrainConfig":
+        if self.select is None:
+            self.select = "clean" if self.adv == "none" else "robust"
+        return self
 
 
 class ArchConfig(Base):

@@ -10,7 +10,7 @@ import tempfile
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from torch import nn
 
@@ -31,8 +31,17 @@ def published_names() -> list[str]:
     return list(_published())
 
 
-def load_genotype(name_or_path: str | os.PathLike) -> Genotype:
-    """A published genotype by name (see published_names()) or a genotype JSON file by path."""
+def genotype_from_dict(data: Any):
+    """A genotype of whichever space its `space` field names: DARTS cells (darts, arnas) or tiny blocks."""
+    if isinstance(data, dict) and data.get("space") == "tiny":
+        from robustnas.spaces.tiny import TinyGenotype
+
+        return TinyGenotype.from_dict(data)
+    return Genotype.from_dict(data)
+
+
+def load_genotype(name_or_path: str | os.PathLike):
+    """A published genotype by name (see published_names()) or a genotype JSON file by path (any space)."""
     key = os.fspath(name_or_path)
     published = _published()
     if key in published:
@@ -44,7 +53,11 @@ def load_genotype(name_or_path: str | os.PathLike) -> Genotype:
         except OSError as e:
             raise UserError(f"cannot read genotype file {key}: {e.strerror}") from None
         try:
-            return Genotype.from_json(text)
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{key}: genotype is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        try:
+            return genotype_from_dict(data)
         except UserError as e:
             raise UserError(f"{key}: {e}") from None
     if key.endswith(".json") or os.sep in key or "/" in key:
@@ -53,7 +66,7 @@ def load_genotype(name_or_path: str | os.PathLike) -> Genotype:
                     f"names: {', '.join(published)}")
 
 
-def save_genotype(genotype: Genotype, path: str | os.PathLike) -> None:
+def save_genotype(genotype, path: str | os.PathLike) -> None:
     """Write a genotype as JSON atomically (a temporary file renamed into place: never half-written)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,14 +81,20 @@ def save_genotype(genotype: Genotype, path: str | os.PathLike) -> None:
         raise
 
 
-def build_network(genotype: Genotype | str | os.PathLike, C: int, layers: int, num_classes: int,
+def build_network(genotype, C: Optional[int], layers: Optional[int], num_classes: int,
                   in_shape: Sequence[int], mean: Sequence[float], std: Sequence[float], **kw: Any) -> nn.Module:
     """The final network for a genotype (or a published name / JSON path), chosen by its `space`.
 
     Extra keywords go to Network / ArnasNetwork: auxiliary, drop_path_prob, stem_multiplier,
-    reduction_layers.
+    reduction_layers. A tiny-block genotype fixes its own widths and depth: C and layers must be None.
     """
-    if not isinstance(genotype, Genotype):
+    if isinstance(genotype, (str, os.PathLike)):
         genotype = load_genotype(genotype)
+    if genotype.space == "tiny":
+        from robustnas.spaces.tiny import TinyNetwork
+
+        if C is not None or layers is not None or kw:
+            raise UserError("a tiny-block genotype sets its own widths and depth: drop C, layers and cell options")
+        return TinyNetwork(genotype, num_classes, in_shape, mean, std)
     cls = _NETWORKS[genotype.space]
     return cls(genotype, C, num_classes, layers, in_shape, mean, std, **kw)

@@ -135,6 +135,23 @@ def _save_genotype(out: Path, genotype) -> Path:
     return out / "genotype.json"
 
 
+def final_network_size(cmd: RunCommand, strategy) -> dict:
+    """build_arch's size keywords for the searched network: the method's own when its search fixed them
+    (Strategy.final_size), else the `final:` settings. A clash is an error before anything runs."""
+    given = {"C": cmd.final.C, "layers": cmd.final.layers,
+             "params": parse_count(cmd.final.params) if cmd.final.params else None}
+    fixed = strategy.final_size() if hasattr(strategy, "final_size") else None
+    if fixed is None:
+        return given
+    for key, value in given.items():
+        if value is not None and fixed.get(key) != value:
+            want = (f"the search fixes {key}={fixed[key]}" if key in fixed
+                    else f"method {cmd.method} fixes the final network's size itself")
+            raise UserError(f"final.{key}={value} clashes with the search: {want}; remove final.{key} "
+                            f"(or change the method's own setting)")
+    return {"C": fixed.get("C"), "layers": fixed.get("layers")} if fixed else {}
+
+
 def run_pipeline(cmd: RunCommand, resume: bool = False, progress: bool = True) -> dict:
     """search -> train the derived network -> evaluate -> the same for a hand-crafted baseline -> report."""
     import shutil
@@ -155,6 +172,7 @@ def run_pipeline(cmd: RunCommand, resume: bool = False, progress: bool = True) -
         if cmd.baseline.arch not in list_models():
             raise UserError(f"baseline.arch {cmd.baseline.arch!r} is not a hand-crafted model; "
                             f"use one of {', '.join(list_models())}")
+    final_kw = final_network_size(cmd, strategy)
     out = Path(cmd.out) if cmd.out else Path("runs") / cmd.name
     check_new_run_dir(out, resume)
     out.mkdir(parents=True, exist_ok=True)
@@ -173,8 +191,7 @@ def run_pipeline(cmd: RunCommand, resume: bool = False, progress: bool = True) -
 
     # 2. train and 3. evaluate the searched network
     torch.manual_seed(cmd.seed)
-    params = parse_count(cmd.final.params) if cmd.final.params else None
-    model, spec = build_arch(str(genotype_path), data.meta, params=params, C=cmd.final.C, layers=cmd.final.layers)
+    model, spec = build_arch(str(genotype_path), data.meta, **final_kw)
     ev = cmd.evaluate
     train_into(out, model, spec, data, cmd.train, seed=cmd.seed, device=device, resume=resume,
                progress=progress, test_n=cmd.test_n, test_pgd_steps=cmd.test_pgd_steps)
@@ -199,7 +216,7 @@ def run_pipeline(cmd: RunCommand, resume: bool = False, progress: bool = True) -
 
     from robustnas.report import write_search_run_report
 
-    write_search_run_report(out, cmd, result, searched, baseline)
+    write_search_run_report(out, cmd, result, searched, baseline, strategy=strategy, meta=data.meta)
     searched["run_dir"] = str(out)
     if baseline is not None:
         searched["baseline"] = baseline

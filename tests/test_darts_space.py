@@ -408,3 +408,35 @@ def test_fx_traces_supernets_and_networks():
         gm = _traced_matches(net, x)
         # eval-mode trace holds no drop-path randomness and no auxiliary head
         assert not any("bernoulli" in str(n.target) or "auxiliary" in str(n.target) for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("budget", [50_000, 100_000, 200_000])
+def test_a_parameter_budget_picks_an_even_C_that_builds(budget):
+    from robustnas.arch import build_arch
+    from robustnas.data import DatasetMeta
+
+    meta = DatasetMeta(name="t", num_classes=10, shape=(1, 28, 28), mean=(0.5,), std=(0.5,), eps="0.1",
+                       classes=tuple("0123456789"), source="test")
+    net, spec = build_arch("darts_v2", meta, params=budget, layers=5)
+    assert spec["C"] % 2 == 0 and abs(count_params(net) - budget) <= 0.1 * budget
+    # no other even C is closer to the budget
+    for c in (spec["C"] - 2, spec["C"] + 2):
+        other = build_network("darts_v2", C=c, layers=5, num_classes=10, in_shape=(1, 28, 28), mean=(0.5,), std=(0.5,))
+        assert abs(count_params(other) - budget) >= abs(count_params(net) - budget)
+
+
+def test_a_tiny_genotype_file_builds_through_arch_and_refuses_cell_sizes(tmp_path):
+    from robustnas.arch import build_arch, model_from_spec
+    from robustnas.data import DatasetMeta
+    from robustnas.spaces.tiny import TinySpace
+
+    meta = DatasetMeta(name="t", num_classes=10, shape=(1, 28, 28), mean=(0.5,), std=(0.5,), eps="0.1",
+                       classes=tuple("0123456789"), source="test")
+    g = TinySpace().decode(TinySpace().smallest())
+    path = tmp_path / "g.json"
+    save_genotype(g, path)
+    net, spec = build_arch(str(path), meta)
+    rebuilt = model_from_spec(json.loads(json.dumps(spec)))
+    assert count_params(rebuilt) == count_params(net)
+    with pytest.raises(UserError, match="drop C"):
+        build_arch(str(path), meta, C=8)

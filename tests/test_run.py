@@ -55,3 +55,74 @@ def test_run_refuses_an_unknown_method_before_writing_anything(tmp_path):
     result = CliRunner().invoke(app, ["run", "--config", str(cfg), "--no-progress"])
     assert result.exit_code == 2 and "unknown search method" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def _write(tmp_path, cfg):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _base(tmp_path, method, search, final):
+    return {"name": method, "seed": 0, "out": str(tmp_path / "run"), "data": {"dataset": "digits", "subset": 300},
+            "method": method, "search": search, "final": final,
+            "train": {"adv": "pgd", "epochs": 1, "batch_size": 32, "val_n": 32, "val_steps": 1,
+                      "attack": {"eps": "0.1", "steps": 1}},
+            "evaluate": {"attacks": ["fgsm", "pgd20"], "n": 30}, "baseline": {"arch": None}, "test_n": 30}
+
+
+LRNAS = {"C": 4, "layers": 3, "partial_channels_k": 1, "batch_size": 32, "epochs": 1, "warmup_epochs": 0,
+         "max_batches_per_epoch": 2, "val_n": 16, "val_steps": 1, "orderings": 1, "contrib_batch_size": 8,
+         "final_C": 4, "final_layers": 3, "max_params": "5k", "report_budgets": ["4k", "20k"]}
+
+
+def test_lrnas_run_trains_the_network_its_budget_counted_and_reports_contributions(tmp_path):
+    from robustnas.size import parse_count
+
+    cfg = _write(tmp_path, _base(tmp_path, "lrnas", LRNAS, {}))
+    result = CliRunner().invoke(app, ["run", "--config", str(cfg), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    spec = json.loads((run / "model.json").read_text())
+    assert (spec["C"], spec["layers"]) == (4, 3)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["params"] <= parse_count("5k")
+    report = (run / "report.md").read_text()
+    assert "Component contributions (LRNAS)" in report and (run / "plots" / "contributions_by_op.png").exists()
+    rows = [line for line in report.splitlines() if line.startswith(("| 4k |", "| 20k |", "| 5k |"))]
+    assert len(rows) == 3
+    params = {r.split("|")[1].strip(): int(r.split("|")[2].strip().replace(",", "")) for r in rows}
+    assert params["4k"] <= 4000 and params["5k"] <= 5000 and params["20k"] <= 20000
+    assert params["4k"] <= params["5k"] <= params["20k"]
+
+
+def test_lrnas_run_refuses_a_final_size_that_clashes_with_the_budgeted_one(tmp_path):
+    cfg = _write(tmp_path, _base(tmp_path, "lrnas", LRNAS, {"params": "50k"}))
+    result = CliRunner().invoke(app, ["run", "--config", str(cfg), "--no-progress"])
+    assert result.exit_code == 2 and "final.params" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+TAMNAS = {"epochs": 1, "max_batches_per_epoch": 2, "batch_size": 16, "attack_steps": 1, "val_n": 20, "eval_n": 20,
+          "eval_pgd_steps": 1, "recal_batches": 1, "recal_batch_size": 16, "pop_size": 4, "generations": 2}
+
+
+def test_tamnas_run_trains_the_picked_tiny_network_and_reports_fronts(tmp_path):
+    cfg = _write(tmp_path, _base(tmp_path, "tamnas", TAMNAS, {}))
+    result = CliRunner().invoke(app, ["run", "--config", str(cfg), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    genotype = load_genotype(str(run / "genotype.json"))
+    assert genotype.space == "tiny"
+    spec = json.loads((run / "model.json").read_text())
+    assert spec["genotype"]["layers"] == [list(p) for p in genotype.layers]
+    report = (run / "report.md").read_text()
+    for name in ("fronts.png", "hypervolume.png", "layer_frequencies.png"):
+        assert f"plots/{name}" in report and (run / "plots" / name).exists()
+    assert "First front" in report
+
+
+def test_tamnas_run_refuses_final_cell_settings(tmp_path):
+    cfg = _write(tmp_path, _base(tmp_path, "tamnas", TAMNAS, {"C": 8}))
+    result = CliRunner().invoke(app, ["run", "--config", str(cfg), "--no-progress"])
+    assert result.exit_code == 2 and "final.C" in result.output

@@ -110,3 +110,11 @@ def test_train_run_writes_a_complete_run_directory(tmp_path):
     model, _ = load_model(run)
     data = load_dataset("digits", subset=300, seed=0)
     assert accuracy(model, data.test.x[:100], data.test.y[:100]) == pytest.approx(m["clean_acc"])
+
+
+def test_model_selection_defaults_to_clean_accuracy_under_standard_training():
+    from robustnas.config import TrainConfig
+
+    assert TrainConfig(adv="none").select == "clean"
+    assert TrainConfig(adv="pgd").select == "robust"
+    assert TrainConfig(adv="none", select="robust").select == "robust"

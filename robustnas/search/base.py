@@ -56,6 +56,16 @@ class SearchResult:
 
 @runtime_checkable
 class Strategy(Protocol):
+    """What every method has. Two optional methods let a method shape the rest of `robustnas run`:
+
+    - `final_size() -> dict`: the final-network size the search already fixed, e.g. LRNAS selects ops
+      under a parameter budget counted at {"C": final_C, "layers": final_layers}, so `run` must build
+      exactly that network; {} means the genotype fixes its own size (TAM-NAS tiny blocks).
+      Without it, `run` sizes the network from its `final:` settings.
+    - `report_sections(result, out, meta) -> list[str]`: markdown lines (with plots written under
+      out/plots) that `run`'s report.md shows after the common sections.
+    """
+
     name: ClassVar[str]
     Config: ClassVar[type[Base]]
 

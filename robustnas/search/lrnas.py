@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Sequence
 
 import torch
@@ -441,6 +442,8 @@ class LrnasConfig(SupernetConfig):
     final_C: int = Field(default=10, ge=2)            # 36
     final_layers: int = Field(default=8, ge=1)        # 20
     after_budget: Literal["free-only", "fit"] = "free-only"
+    # the report also shows the selection under these budgets (one search serves every budget)
+    report_budgets: list[str] = ["50k", "100k", "200k"]
 
     @field_validator("max_params", mode="before")
     @classmethod
@@ -555,8 +558,54 @@ class Lrnas(SupernetSearch):
                              "alpha_raw": {k: a.detach().cpu().tolist() for k, a in self.net.alphas().items()}})
         return result
 
+    # ---------------------------------------------------------------------------------------- run / report
+    def final_size(self) -> dict[str, int]:
+        """The greedy selection counted this final network: `run` must train exactly it."""
+        return {"C": self.cfg.final_C, "layers": self.cfg.final_layers}
+
+    def report_sections(self, result: SearchResult, out: Path, meta: DatasetMeta) -> list[str]:
+        """Contributions per op type and per cell kind over epochs, and the selection at other budgets."""
+        from robustnas.report import plot_heatmaps, plot_series
+
+        lines: list[str] = []
+        summary = summarise_contributions(result.history)
+        if summary["epochs"]:
+            ep = summary["epochs"]
+            p1 = plot_series(ep, summary["by_op"], out / "plots" / "contributions_by_op.png",
+                             "mean contribution per op type", "epoch", "z-scored contribution")
+            p2 = plot_series(ep, summary["by_kind"], out / "plots" / "contributions_by_kind.png",
+                             "mean contribution per cell kind", "epoch", "z-scored contribution")
+            kinds = list(summary["by_kind_op"])
+            ops = list(summary["by_op"])
+            p3 = plot_heatmaps([("last epoch's contribution", [[summary["by_kind_op"][k][o][-1] for o in ops]
+                                                               for k in kinds], kinds, ops)],
+                               out / "plots" / "contributions_last.png")
+            lines += ["## Component contributions (LRNAS)", "",
+                      f"![by op](plots/{p1.name})", "", f"![by kind](plots/{p2.name})", "",
+                      f"![last epoch](plots/{p3.name})", ""]
+        alphas = result.extra.get("alpha_raw")
+        if alphas:
+            C, layers = self.cfg.final_C, self.cfg.final_layers
+            lines += [f"## Greedy selection at other budgets (final network C={C}, {layers} cells)", "",
+                      "| budget | final params | ops with parameters | parameter-free ops | none |",
+                      "|---|---|---|---|---|"]
+            budgets = list(dict.fromkeys([*self.cfg.report_budgets] + ([self.cfg.max_params] if self.cfg.max_params
+                                                                      else [])))
+            for b in budgets:
+                sel = select_under_budget(alphas, meta, b, C, layers, self.cfg.after_budget)
+                ops = [op for kind in self.net.alpha_names for op, _ in getattr(sel.genotype, kind)]
+                counts = {"param": sum(op not in PARAMETER_FREE for op in ops),
+                          "free": sum(op in PARAMETER_FREE and op != "none" for op in ops),
+                          "none": ops.count("none")}
+                lines.append(f"| {b} | {sel.params:,} | {counts['param']} | {counts['free']} | {counts['none']} |")
+            lines.append("")
+        return lines
+
 
 # ================================================================================================ report
+PARAMETER_FREE = frozenset({"none", "skip_connect", "max_pool_3x3", "avg_pool_3x3"})
+
+
 def summarise_contributions(history: Sequence[dict], metric: Literal["value", "clean_drop", "fgsm_drop"] = "value"
                             ) -> dict[str, Any]:
     """Mean of a contribution metric per op type, per cell kind and per (kind, op), for every epoch of a

@@ -505,6 +505,49 @@ class TamNas:
         return SearchResult(genotype=best.to_dict(), history=self.history, seconds=time.perf_counter() - t_start,
                             extra=extra)
 
+    # ------------------------------------------------------------------------------------ run / report
+    def final_size(self) -> dict:
+        """A tiny-block genotype fixes its own widths and depth: `run` builds it as it is."""
+        return {}
+
+    def report_sections(self, result: SearchResult, out, meta=None) -> list[str]:
+        """The front per generation, hypervolume per generation, the first front's layer-by-layer block
+        and width frequencies, and the fine-tuned / from-scratch front members when trained."""
+        from robustnas.report import plot_fronts, plot_heatmaps, plot_series
+
+        gens = [h for h in result.history if h.get("phase") == "nsga2"]
+        lines = ["## TAM-NAS search", ""]
+        if gens:
+            p1 = plot_fronts([g["front"] for g in gens], out / "plots" / "fronts.png")
+            p2 = plot_series([g["generation"] for g in gens],
+                             {"archive front": [g["hv"] for g in gens],
+                              "population front": [g["population_hv"] for g in gens]},
+                             out / "plots" / "hypervolume.png", "hypervolume per generation", "generation", "HV")
+            lines += [f"![fronts](plots/{p1.name})", "", f"![hypervolume](plots/{p2.name})", ""]
+        front = result.extra.get("front") or []
+        if front:
+            lines += ["First front (supernet weights, BN recalibrated, held-out split):", "",
+                      "| params | clean err | PGD err |", "|---|---|---|"]
+            lines += [f"| {s['params']:,} | {s['clean_err']:.3f} | {s['pgd_err']:.3f} |"
+                      for s in sorted(front, key=lambda s: s["params"])]
+            lines.append("")
+        freq = result.extra.get("layer_frequencies")
+        if freq:
+            rows = [f"layer {i}" for i in range(len(freq["blocks"]))]
+            widths = [f"choice {j}" for j in range(len(freq["widths"][0]))]
+            p3 = plot_heatmaps([("blocks on the first front", freq["blocks"], rows, freq["block_names"]),
+                                ("width choice (stage widths)", freq["widths"], rows, widths)],
+                               out / "plots" / "layer_frequencies.png")
+            lines += [f"![layer frequencies](plots/{p3.name})", ""]
+        final = result.extra.get("final") or []
+        if final:
+            lines += [f"Front members trained after the search ({final[0]['mode']}), validation split:", "",
+                      "| params | val clean | val robust | best epoch |", "|---|---|---|---|"]
+            lines += [f"| {f['params']:,} | {f['val_clean']:.3f} | {f['val_robust']:.3f} | {f['best_epoch']} |"
+                      for f in final]
+            lines.append("")
+        return lines
+
     def pick(self, front: Sequence[dict]) -> TinyGenotype:
         """The front member written as genotype.json: the lowest PGD error (then clean error, then size);
         use max_params to bound its size."""
