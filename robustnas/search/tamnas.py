@@ -35,7 +35,7 @@ from typing import Any, Callable, ClassVar, Literal, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pymoo.algorithms.moo.nsga2 import NSGA2
 from pymoo.core.crossover import Crossover
 from pymoo.core.evaluator import Evaluator
@@ -54,7 +54,7 @@ from robustnas.attacks import accuracy, fgsm_rs, pgd, robust_accuracy
 from robustnas.config import Base, TrainConfig, parse_eps
 from robustnas.data import Dataset
 from robustnas.errors import UserError
-from robustnas.executor import EXECUTORS, Executor, make_executor
+from robustnas.executor import EXECUTORS, Executor, check_executor, make_executor
 from robustnas.rundir import atomic_write_text, save_model, write_json
 from robustnas.search.base import SearchContext, SearchResult, register
 from robustnas.size import count_params, parse_count
@@ -99,7 +99,9 @@ class TamNasConfig(Base):
     mutation_rate: Optional[float] = Field(default=None, gt=0, le=1)  # per gene; None: 1 / number of layers
     max_params: Optional[str] = None                # parameter ceiling (constraint), e.g. "200k"
     hv_ref: tuple[float, float, float] = (1.0, 1.0, 1.0)  # in (clean_err, pgd_err, size)
-    executor: str = "inprocess"
+    executor: str = "inprocess"                     # inprocess | pool | ray (robustnas/executor.py)
+    workers: Optional[int] = Field(default=None, ge=1)  # pool / ray: processes (None: one per core)
+    address: Optional[str] = None                   # ray: a cluster's address (None: a local Ray)
     # --- post-search training of Pareto subnets (the Trainer's settings in final_train)
     final: Literal["none", "scratch", "finetune"] = "none"
     final_n: int = Field(default=3, ge=1)
@@ -132,6 +134,14 @@ class TamNasConfig(Base):
         if v not in EXECUTORS:
             raise ValueError(f"unknown executor {v!r}; known: {', '.join(EXECUTORS)}")
         return v
+
+    @model_validator(mode="after")
+    def _check_executor_options(self) -> "TamNasConfig":
+        try:
+            check_executor(self.executor, workers=self.workers, address=self.address)
+        except UserError as e:
+            raise ValueError(str(e)) from None
+        return self
 
 
 # ================================================================================================ scoring
@@ -267,8 +277,9 @@ def run_nsga2(space: TinySpace, fn: Callable[[list[int]], dict[str, Any]], execu
         pop = algorithm.ask()
         score(pop)
         algorithm.tell(infills=pop)
-        algorithm.pop.set("rank", np.array(state["rank"]),
-                          "crowding", np.array([np.inf if c is None else c for c in state["crowding"]]))
+        algorithm.pop.set("rank", np.array(state["rank"], dtype=object),
+                          "crowding", np.array([c if c is not None else np.inf if r is not None else None
+                                                for r, c in zip(state["rank"], state["crowding"])], dtype=object))
         algorithm.random_state.bit_generator.state = state["rng"]
     for gen in range(start, generations):
         t0 = time.perf_counter()
@@ -289,8 +300,10 @@ def run_nsga2(space: TinySpace, fn: Callable[[list[int]], dict[str, Any]], execu
         if on_generation is not None:
             rank, crowding = algorithm.pop.get("rank", "crowding")
             on_generation(record, {"generation": gen, "population": algorithm.pop.get("X").astype(int).tolist(),
-                                   "rank": [int(r) for r in rank],
-                                   "crowding": [None if np.isinf(c) else float(c) for c in crowding],
+                                   # pymoo leaves rank and crowding of an infeasible member (over max_params)
+                                   # unset; None also stands for an infinite crowding distance
+                                   "rank": [None if r is None else int(r) for r in rank],
+                                   "crowding": [None if c is None or np.isinf(c) else float(c) for c in crowding],
                                    "rng": algorithm.random_state.bit_generator.state, "scores": scores,
                                    "records": records})
     return list(cache.values()), records
@@ -477,7 +490,7 @@ class TamNas:
                 if ctx.on_epoch_end is not None:
                     ctx.on_epoch_end(record)
 
-            executor = make_executor(cfg.executor)
+            executor = make_executor(cfg.executor, workers=cfg.workers, address=cfg.address)
             try:
                 scores, _ = run_nsga2(self.space, self.scorer(), executor, pop_size=cfg.pop_size,
                                       generations=cfg.generations, seed=ctx.seed, params_scale=self.params_scale,
@@ -592,7 +605,8 @@ class TamNas:
     # ------------------------------------------------------------------------------------ checkpoints
     def _identity(self) -> dict[str, Any]:
         """What must match for a checkpoint to be resumed (the post-search settings may change)."""
-        cfg = self.cfg.model_dump(mode="json", exclude={"final", "final_n", "final_train", "executor"})
+        cfg = self.cfg.model_dump(mode="json", exclude={"final", "final_n", "final_train", "executor",
+                                                     "workers", "address"})
         return {"method": self.name, "config": cfg, "seed": self.ctx.seed, "eps": self.eps, "norm": self.norm,
                 "dataset": self.ctx.data.meta.name, "train_size": len(self.ctx.data.train),
                 "val_size": len(self.ctx.data.val)}
