@@ -33,12 +33,16 @@ def known_archs() -> list[str]:
 
 
 def build_arch(arch: str, meta: DatasetMeta, params: Optional[int] = None, width: Optional[float] = None,
-               C: Optional[int] = None, layers: Optional[int] = None, **net_kw) -> tuple[nn.Module, dict]:
-    """Build the network named by `arch` for a dataset; `params` picks the width (or C) to meet a budget."""
+               C: Optional[int] = None, layers: Optional[int] = None, at_most: bool = False,
+               **net_kw) -> tuple[nn.Module, dict]:
+    """Build the network named by `arch` for a dataset; `params` picks the width (or C) to meet a budget:
+    the nearest width of a hand-crafted model (`at_most`: the widest within it), and for a genotype the
+    largest even C within it (C moves in steps too coarse for "nearest")."""
     from robustnas.models import MODELS, build_model
 
     if arch in MODELS:
-        model = build_model(arch, meta.num_classes, meta.shape, meta.mean, meta.std, width=width, params=params)
+        model = build_model(arch, meta.num_classes, meta.shape, meta.mean, meta.std, width=width, params=params,
+                            at_most=at_most)
         return model, {"kind": "handcrafted", "config": model.config}
     if is_genotype_arch(arch):
         from robustnas.genotypes import load_genotype
@@ -70,27 +74,28 @@ def _build_tiny(genotype, meta: DatasetMeta, params=None, width=None, C=None, la
 
 
 def channels_for_params(genotype, meta: DatasetMeta, layers: int, params: int, **net_kw) -> int:
-    """The even initial channel count C closest to a parameter budget (params grow monotonically with C)."""
+    """The largest even initial channel count C whose network has at most `params` parameters.
+
+    At most, not nearest: budgets are ceilings in matched comparisons ("no more parameters than"). C is
+    even because FactorizedReduce halves it; parameters grow monotonically with C."""
     from robustnas.genotypes import build_network
 
     def size(c: int) -> int:
         return count_params(build_network(genotype, C=c, layers=layers, num_classes=meta.num_classes,
                                           in_shape=meta.shape, mean=meta.mean, std=meta.std, **net_kw))
 
-    # final networks need an even C (FactorizedReduce halves it): search over C = 2k
-    lo, hi = 1, 2
-    while size(2 * hi) < params:
+    if size(2) > params:
+        raise UserError(f"{layers} cells need {size(2)} parameters even at C=2, over the budget of {params}; "
+                        f"lower --layers or raise the budget")
+    lo, hi = 1, 2  # in units of 2 channels: size(2 * lo) <= params < size(2 * hi)
+    while size(2 * hi) <= params:
         lo, hi = hi, hi * 2
         if hi > 2048:
             raise UserError(f"a budget of {params} parameters is beyond reach for {layers} cells")
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if size(2 * mid) < params else (lo, mid)
-    best = min((2 * lo, 2 * hi), key=lambda c: abs(size(c) - params))
-    if abs(size(best) - params) > 0.1 * params:
-        raise UserError(f"no channel count gets {layers} cells within 10% of {params} parameters "
-                        f"(closest: C={best} with {size(best)}); change --layers")
-    return best
+        lo, hi = (mid, hi) if size(2 * mid) <= params else (lo, mid)
+    return 2 * lo
 
 
 def model_from_spec(spec: dict) -> nn.Module:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from robustnas.errors import UserError
 
@@ -39,6 +39,24 @@ def format_eps(eps: float) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- models
+
+def _check_count(v: Any) -> Any:
+    from robustnas.size import parse_count
+
+    if v is None:
+        return v
+    try:
+        n = parse_count(v)
+    except UserError as e:
+        raise ValueError(str(e)) from None
+    if n < 1:
+        raise ValueError(f"{v!r} must be a positive size such as 100k or 2M")
+    return str(v)
+
+
+# a parameter count as written by the user ("100k", "2M", 250000), checked and kept as text
+ParamCount = Annotated[Optional[str], BeforeValidator(_check_count)]
+
 class Base(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -167,6 +185,25 @@ class RunCommand(Base):
     train: TrainConfig = TrainConfig()
     evaluate: EvalConfig = EvalConfig()
     baseline: BaselineConfig = BaselineConfig()
+    test_pgd_steps: int = 20
+    test_n: int = Field(default=1000, ge=1)
+
+
+class BenchmarkCommand(Base):
+    """`robustnas benchmark`: every listed method and hand-crafted baseline on the same data, final-network
+    parameter budget, training recipe and attacks; `methods` maps a method to its own search settings."""
+
+    name: str = "benchmark"
+    seed: int = 0
+    device: str = "auto"
+    out: Optional[str] = None
+    data: DataConfig = DataConfig()
+    budget: ParamCount = "50k"      # parameters of every final network (searched and hand-crafted)
+    layers: Optional[int] = None    # cells of the DARTS-space final networks; None: arch.DEFAULT_LAYERS
+    methods: dict[str, dict[str, Any]] = {}
+    baselines: list[str] = ["cnn"]
+    train: TrainConfig = TrainConfig()
+    evaluate: EvalConfig = EvalConfig()
     test_pgd_steps: int = 20
     test_n: int = Field(default=1000, ge=1)
 

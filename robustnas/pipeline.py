@@ -6,16 +6,17 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import torch
 from rich.console import Console
 
 from robustnas.arch import build_arch
 from robustnas.attacks import accuracy, pgd, robust_accuracy
-from robustnas.config import DataConfig, RunCommand, SearchCommand, TrainCommand, TrainConfig, format_eps, parse_eps, to_yaml
+from robustnas.config import BenchmarkCommand, DataConfig, RunCommand, SearchCommand, TrainCommand, TrainConfig, format_eps, parse_eps, to_yaml
 from robustnas.data import Dataset, load_dataset
 from robustnas.errors import UserError
-from robustnas.rundir import atomic_write_text, save_model, write_json
+from robustnas.rundir import atomic_write_text, read_json, save_model, write_json
 from robustnas.size import count_flops, count_params, parse_count
 from robustnas.training import Trainer, resolve_device
 
@@ -42,7 +43,7 @@ def train_run(cmd: TrainCommand, resume: bool = False, progress: bool = True) ->
     device = resolve_device(cmd.device)
     data = load_data(cmd.data, cmd.seed)
     cmd = resolved(cmd, data)
-    eps = parse_eps(cmd.train.attack.eps)
+    parse_eps(cmd.train.attack.eps)  # a bad eps fails here, before the run directory exists
     torch.manual_seed(cmd.seed)
     params = parse_count(cmd.model.params) if cmd.model.params else None
     model, spec = build_arch(cmd.model.arch, data.meta, params=params, width=cmd.model.width,
@@ -135,6 +136,51 @@ def _save_genotype(out: Path, genotype) -> Path:
     return out / "genotype.json"
 
 
+def archive_evaluation(kind: str, out: Path, metrics: dict, config: dict, method: Optional[str] = None,
+                       cost_s: Optional[float] = None) -> None:
+    """Record a finished, evaluated run in the workspace's results archive (store.py), keyed by its run
+    directory and metrics so a re-evaluation is a new row. The run's own files stay the record: a failure
+    to write the archive is a warning, not a lost run. ROBUSTNAS_ARCHIVE=off turns archiving off."""
+    import os
+    import sqlite3
+
+    from robustnas.store import ENV, Archive, candidate_key
+
+    if os.environ.get(ENV, "").lower() in ("off", "0", "none"):
+        return
+    spec = read_json(out / "model.json") if (out / "model.json").is_file() else {}
+    genotype = spec.get("genotype")
+    space = genotype.get("space", "darts") if genotype is not None else f"handcrafted:{spec.get('config', {}).get('name')}"
+    try:
+        with Archive() as db:
+            rid = db.add_run(kind, method=method, config=config, run_dir=str(out), status="done")
+            db.add_evaluation(metrics, run_id=rid, key=candidate_key(str(out.resolve()), metrics), name=out.name,
+                              space=space, genotype=genotype,
+                              recipe=config.get("train"), cost_s=cost_s)
+    except (sqlite3.Error, OSError, UserError) as e:
+        Console(stderr=True).print(f"[yellow]warning:[/] results archive not written: {e}", highlight=False)
+
+
+def baseline_run(out: Path, arch: str, params: int, data: Dataset, cmd, device: torch.device,
+                 resume: bool = False, progress: bool = True, at_most: bool = False) -> dict:
+    """Train and evaluate a hand-crafted model at `params` (nearest, or `at_most`) with `cmd`'s recipe
+    and attacks into `out`."""
+    from robustnas.evaluate import evaluate_run
+
+    check_new_run_dir(out, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", to_yaml(cmd))
+    torch.manual_seed(cmd.seed)
+    model, spec = build_arch(arch, data.meta, params=params, at_most=at_most)
+    train_into(out, model, spec, data, cmd.train, seed=cmd.seed, device=device, resume=resume,
+               progress=progress, test_n=cmd.test_n, test_pgd_steps=cmd.test_pgd_steps)
+    ev = cmd.evaluate
+    metrics = evaluate_run(out, attacks=ev.attacks, n=ev.n, batch_size=ev.batch_size, certify=ev.certify,
+                           device=str(device), seed=cmd.seed, progress=progress)
+    archive_evaluation("train", out, metrics, {**cmd.model_dump(mode="json"), "arch": arch})
+    return metrics
+
+
 def final_network_size(cmd: RunCommand, strategy) -> dict:
     """build_arch's size keywords for the searched network: the method's own when its search fixed them
     (Strategy.final_size), else the `final:` settings. A clash is an error before anything runs."""
@@ -198,26 +244,88 @@ def run_pipeline(cmd: RunCommand, resume: bool = False, progress: bool = True) -
     searched = evaluate_run(out, attacks=ev.attacks, n=ev.n, batch_size=ev.batch_size, certify=ev.certify,
                             device=str(device), seed=cmd.seed, progress=progress)
     searched["search_seconds"] = search_seconds
-    write_json(out / "metrics.json", searched)
+    searched["search_method"] = cmd.method
 
     # 4. the hand-crafted baseline at the same parameter count, same recipe and attacks
     baseline = None
     if cmd.baseline.arch is not None:
-        bout = out / "baseline"
-        check_new_run_dir(bout, resume)
-        bout.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(bout / "config.yaml", to_yaml(cmd))
-        torch.manual_seed(cmd.seed)
-        bmodel, bspec = build_arch(cmd.baseline.arch, data.meta, params=count_params(model))
-        train_into(bout, bmodel, bspec, data, cmd.train, seed=cmd.seed, device=device, resume=resume,
-                   progress=progress, test_n=cmd.test_n, test_pgd_steps=cmd.test_pgd_steps)
-        baseline = evaluate_run(bout, attacks=ev.attacks, n=ev.n, batch_size=ev.batch_size, certify=ev.certify,
-                                device=str(device), seed=cmd.seed, progress=progress)
+        baseline = baseline_run(out / "baseline", cmd.baseline.arch, count_params(model), data, cmd, device,
+                                resume=resume, progress=progress)
 
     from robustnas.report import write_search_run_report
 
     write_search_run_report(out, cmd, result, searched, baseline, strategy=strategy, meta=data.meta)
+    write_json(out / "metrics.json", searched)  # last: its search_seconds marks the run as finished
+    archive_evaluation("run", out, searched, cmd.model_dump(mode="json"), method=cmd.method, cost_s=search_seconds)
     searched["run_dir"] = str(out)
     if baseline is not None:
         searched["baseline"] = baseline
     return searched
+
+
+def _finished(out: Path, key: str) -> bool:
+    """A run whose metrics.json holds `key`, written by its last step: a benchmark never redoes it."""
+    return (out / "metrics.json").is_file() and key in read_json(out / "metrics.json")
+
+
+def benchmark_run(cmd: BenchmarkCommand, resume: bool = False, progress: bool = True) -> dict:
+    """Every method in `cmd.methods` through `run_pipeline` and every hand-crafted baseline through
+    `baseline_run`, all at `cmd.budget` final parameters with one recipe, then one comparison report.
+
+    A DARTS-space method's final network gets the C that meets the budget; a method whose search fixes
+    the final size (LRNAS, TAM-NAS) gets the budget as its own `max_params` instead. Finished members
+    (report.md written) are skipped, so an interrupted benchmark continues with --resume."""
+    from robustnas.compare import compare_runs
+    from robustnas.evaluate import get_attack
+    from robustnas.models import list_models
+    from robustnas.search import build_strategy
+
+    if not cmd.methods and not cmd.baselines:
+        raise UserError("the benchmark config lists no methods and no baselines")
+    budget = parse_count(cmd.budget)
+    for a in cmd.evaluate.attacks:
+        get_attack(a)
+    for arch in cmd.baselines:
+        if arch not in list_models():
+            raise UserError(f"baseline {arch!r} is not a hand-crafted model; use one of {', '.join(list_models())}")
+    runs: list[tuple[str, RunCommand]] = []
+    out = Path(cmd.out) if cmd.out else Path("runs") / cmd.name
+    for method, settings in cmd.methods.items():
+        settings = dict(settings or {})
+        strategy = build_strategy(method, settings)
+        fixes_size = hasattr(strategy, "final_size")
+        if fixes_size and "max_params" in type(strategy.cfg).model_fields:
+            settings.setdefault("max_params", cmd.budget)
+            strategy = build_strategy(method, settings)
+        final = {} if fixes_size else {"params": cmd.budget, "layers": cmd.layers}
+        rc = RunCommand(name=method, seed=cmd.seed, device=cmd.device, out=str(out / method), data=cmd.data,
+                        method=method, search=settings, final=final, train=cmd.train, evaluate=cmd.evaluate,
+                        baseline={"arch": None}, test_pgd_steps=cmd.test_pgd_steps, test_n=cmd.test_n)
+        final_network_size(rc, strategy)  # a clash is reported before anything runs
+        runs.append((method, rc))
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise UserError(f"benchmark directory {out} already exists: pass --resume to continue it, or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", to_yaml(cmd))
+
+    dirs, labels = [], []
+    for method, rc in runs:
+        run_out = Path(rc.out)
+        if not _finished(run_out, "search_seconds"):
+            run_pipeline(rc, resume=resume or run_out.exists(), progress=progress)
+        dirs.append(run_out)
+        labels.append(method)
+    if cmd.baselines:
+        device = resolve_device(cmd.device)
+        data = load_data(cmd.data, cmd.seed)
+        rc = resolved(RunCommand(name="baseline", seed=cmd.seed, device=cmd.device, data=cmd.data,
+                                 train=cmd.train, evaluate=cmd.evaluate, test_pgd_steps=cmd.test_pgd_steps,
+                                 test_n=cmd.test_n), data)
+        for arch in cmd.baselines:
+            bout = out / f"baseline-{arch}"
+            if not _finished(bout, "reliable"):
+                baseline_run(bout, arch, budget, data, rc, device, resume=resume or bout.exists(), progress=progress,
+                             at_most=True)
+            dirs.append(bout)
+            labels.append(f"{arch} (hand-crafted)")
+    return compare_runs(dirs, out, labels, title=f"{cmd.name}: every method at {cmd.budget} parameters")

@@ -1,5 +1,15 @@
 """Tests use tiny networks, for which one intra-op thread is faster than two and keeps runs repeatable."""
 
+import pytest
 import torch
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _archive_in_tmp(tmp_path_factory):
+    """Runs record into the results archive of the working directory: keep tests out of the checkout's."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ROBUSTNAS_ARCHIVE", str(tmp_path_factory.mktemp("archive") / "archive.sqlite"))
+    yield
+    mp.undo()

@@ -18,7 +18,7 @@ from robustnas.data import load_dataset
 from robustnas.errors import UserError
 from robustnas.jacobian import dual_order, frobenius_sq_estimate, jacobian_metric, jacobian_row_norms
 from robustnas.search import SearchContext, build_strategy
-from robustnas.search.dsrna import Dsrna, certified_bound_metric
+from robustnas.search.dsrna import Dsrna
 from robustnas.search.supernet import SearchBatch
 from robustnas.spaces.darts import SuperNet
 

@@ -176,3 +176,14 @@ def test_densenet_growth_schedule_is_fractional(layers, growth):
     assert sum(steps) == max(layers, math.floor(layers * growth + 0.5))
     if growth >= 1:
         assert set(steps) <= {math.floor(growth), math.ceil(growth)}
+
+
+@pytest.mark.parametrize("name", ["cnn", "mobilenetv2", "preact_resnet"])
+def test_at_most_picks_the_widest_model_within_the_budget(name):
+    from robustnas.size import count_params
+
+    for budget in (25_000, 60_000):
+        w = width_for_params(name, 10, (1, 28, 28), budget, at_most=True)
+        n = count_params(build_model(name, 10, (1, 28, 28), [0.5], [0.5], width=w))
+        wider = count_params(build_model(name, 10, (1, 28, 28), [0.5], [0.5], width=w * 1.02))
+        assert n <= budget < wider or n == budget

@@ -1,7 +1,6 @@
 """The results archive: filters, the Pareto query, concurrent writer processes, a writer killed mid-write,
 and the `robustnas archive` command."""
 
-import json
 import signal
 import sqlite3
 import subprocess

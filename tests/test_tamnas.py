@@ -314,3 +314,12 @@ def test_attacks_on_the_supernet_see_each_image_alone(digits):
     assert all(torch.equal(a, b) for a, b in zip(running, net.buffers()))
     with torch.no_grad():  # live batch statistics couple the images
         assert not torch.allclose(net(x2)[0], net(x)[0], atol=1e-4)
+
+
+def test_a_parameter_ceiling_draws_the_first_population_among_the_subnets_that_fit():
+    ceiling = 30_000  # a small share of uniform draws fits (the surrogate's own size measure)
+    count = lambda x: surrogate(x)["params"]  # noqa: E731
+    _, records = nsga2(generations=1, max_params=ceiling, count=count)
+    _, unaided = nsga2(generations=1, max_params=ceiling)
+    assert len(records[0]["front"]) > len(unaided[0]["front"])
+    assert all(s["params"] <= ceiling for s in records[0]["front"])

@@ -312,3 +312,30 @@ def test_layer_frequencies_count_blocks_and_widths():
     largest = BLOCKS.index("mb5_e6")
     expected = sum(e[0] == largest for e in encs) / len(encs)
     assert blocks[0, largest] == pytest.approx(expected)
+
+
+def test_genotype_params_equals_counting_the_built_network():
+    from robustnas.size import count_params
+    from robustnas.spaces.tiny import TinyNetwork, TinySpace, genotype_params
+
+    rng = np.random.default_rng(5)
+    for width_mult, in_shape in ((1, (1, 28, 28)), (2, (3, 32, 32))):
+        space = TinySpace(width_mult)
+        for x in [space.smallest(), space.largest()] + [space.sample(rng) for _ in range(6)]:
+            g = space.decode(x)
+            net = TinyNetwork(g, 10, in_shape, (0.5,) * in_shape[0], (0.5,) * in_shape[0])
+            assert genotype_params(g, 10, in_shape[0]) == count_params(net)
+
+
+def test_shrink_lowers_the_parameter_count_until_no_change_can():
+    from robustnas.spaces.tiny import TinySpace, genotype_params
+
+    space, rng = TinySpace(), np.random.default_rng(2)
+    for _ in range(3):
+        x = space.sample(rng)
+        counts = [genotype_params(space.decode(x), 10, 1)]
+        while (y := space.shrink(x, rng)) != x:
+            x = y
+            counts.append(genotype_params(space.decode(x), 10, 1))
+        assert all(b < a for a, b in zip(counts, counts[1:])) and len(counts) > 5
+        assert counts[-1] < 20_000  # it reaches the small end of the space (smallest: about 9k)

@@ -81,9 +81,10 @@ def _count_at(name: str, num_classes: int, in_shape: tuple[int, int, int], width
 
 
 def width_for_params(
-    name: str, num_classes: int, in_shape: Sequence[int], params: int | str, **options
+    name: str, num_classes: int, in_shape: Sequence[int], params: int | str, at_most: bool = False, **options
 ) -> float:
-    """The width whose model has the parameter count nearest to `params` (within 10%).
+    """The width whose model has the parameter count nearest to `params` (within 10%); with `at_most`,
+    the widest model with no more than `params` (budgets as ceilings, for matched comparisons).
 
     Parameter count is non-decreasing in width, so bisection (on log width) finds the two widths either
     side of the budget; the nearer wins, then the width is shortened to as few digits as keep its count.
@@ -119,7 +120,7 @@ def width_for_params(
             lo = mid
         else:
             hi = mid
-    best = min((lo, hi), key=lambda w: abs(count(w) - target))
+    best = (hi if count(hi) == target else lo) if at_most else min((lo, hi), key=lambda w: abs(count(w) - target))
     best_count = count(best)
     if abs(best_count - target) > PARAMS_TOLERANCE * target:
         raise UserError(
@@ -149,9 +150,11 @@ def build_model(
     width: float | None = None,
     params: int | str | None = None,
     seed: int | None = None,
+    at_most: bool = False,
     **options,
 ) -> nn.Module:
-    """Build a baseline at `width` (default 1), or at the width whose size is nearest `params`.
+    """Build a baseline at `width` (default 1), or at the width whose size is nearest `params` (with
+    `at_most`: the widest within it).
 
     `options` are model-specific (`depth` for preact_resnet, wrn, densenet, vgg). With `seed`, the
     initial weights come from that seed without touching the global random state.
@@ -161,7 +164,7 @@ def build_model(
     if width is not None and params is not None:
         raise UserError("give either a width or a parameter budget, not both")
     if params is not None:
-        width = width_for_params(name, num_classes, in_shape, params, **options)
+        width = width_for_params(name, num_classes, in_shape, params, at_most=at_most, **options)
     elif width is None:
         width = 1.0
     if seed is None:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from robustnas.models.base import Normalize
-from robustnas.models.common import can_downsample, channels, check_args, conv_bn_relu, make_config, pool_out
+from robustnas.models.common import check_args, conv_pool_stack, make_config
 
 # Channels per conv, "M" is a 2x2 max-pool; two pools keep 28x28 inputs at >= 7x7 before the head.
 LAYOUT = (32, 32, "M", 64, 64, "M", 128)
@@ -29,18 +29,7 @@ class SmallCNN(nn.Module):
         in_shape, mean, std, width = check_args("cnn", num_classes, in_shape, mean, std, width)
         self.config = make_config("cnn", num_classes, in_shape, mean, std, width)
         self.normalize = Normalize(mean, std)
-        layers: list[nn.Module] = []
-        c_in, size = in_shape[0], in_shape[1:]
-        for item in LAYOUT:
-            if item == "M":
-                if can_downsample(size):
-                    layers.append(nn.MaxPool2d(2))
-                    size = pool_out(size)
-                continue
-            c_out = channels(item, width)
-            layers.append(conv_bn_relu(c_in, c_out))
-            c_in = c_out
-        self.features = nn.Sequential(*layers)
+        self.features, c_in = conv_pool_stack(LAYOUT, in_shape[0], tuple(in_shape[1:]), width)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.classifier = nn.Linear(c_in, num_classes)

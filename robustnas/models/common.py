@@ -45,6 +45,22 @@ def conv_bn_relu(c_in: int, c_out: int, stride: int = 1, kernel: int = 3, groups
     )
 
 
+def conv_pool_stack(layout: Sequence, c_in: int, size: tuple[int, int], width: float) -> tuple[nn.Sequential, int]:
+    """VGG-style features: conv-BN-ReLU per number in `layout` (scaled by width), "M" a 2x2 max-pool
+    left out where it would shrink the map below 2x2; returns the stack and its output channels."""
+    layers: list[nn.Module] = []
+    for item in layout:
+        if item == "M":
+            if can_downsample(size):
+                layers.append(nn.MaxPool2d(2))
+                size = pool_out(size)
+            continue
+        c_out = channels(item, width)
+        layers.append(conv_bn_relu(c_in, c_out))
+        c_in = c_out
+    return nn.Sequential(*layers), c_in
+
+
 def check_args(
     name: str,
     num_classes: int,

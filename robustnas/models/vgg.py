@@ -8,15 +8,7 @@ import torch
 from torch import nn
 
 from robustnas.models.base import Normalize
-from robustnas.models.common import (
-    can_downsample,
-    channels,
-    check_args,
-    check_depth,
-    conv_bn_relu,
-    make_config,
-    pool_out,
-)
+from robustnas.models.common import check_args, check_depth, conv_pool_stack, make_config
 
 # depth -> conv channels, "M" a 2x2 max-pool (configurations A, B, D, E of the paper).
 LAYOUTS = {
@@ -47,18 +39,7 @@ class VGG(nn.Module):
         layout = LAYOUTS[check_depth("vgg", depth, LAYOUTS)]
         self.config = make_config("vgg", num_classes, in_shape, mean, std, width, depth=depth)
         self.normalize = Normalize(mean, std)
-        layers: list[nn.Module] = []
-        c_in, size = in_shape[0], in_shape[1:]
-        for item in layout:
-            if item == "M":
-                if can_downsample(size):
-                    layers.append(nn.MaxPool2d(2))
-                    size = pool_out(size)
-                continue
-            c_out = channels(item, width)
-            layers.append(conv_bn_relu(c_in, c_out))
-            c_in = c_out
-        self.features = nn.Sequential(*layers)
+        self.features, c_in = conv_pool_stack(layout, in_shape[0], tuple(in_shape[1:]), width)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.classifier = nn.Linear(c_in, num_classes)

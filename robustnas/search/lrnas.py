@@ -37,10 +37,11 @@ from typing import Any, Callable, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from robustnas.attacks import fgsm
+from robustnas.config import ParamCount
 from robustnas.data import DatasetMeta
 from robustnas.errors import UserError
 from robustnas.genotypes import build_network
@@ -438,25 +439,12 @@ class LrnasConfig(SupernetConfig):
     mu: float = Field(default=0.2, ge=0, le=1)        # 0.2
     eta: float = Field(default=0.1, gt=0)             # 0.1
     # --- greedy selection: counts the FINAL network (train it with these C and layers)
-    max_params: Optional[str] = None                  # 2.0M at final_C 36, final_layers 20; None: no budget
+    max_params: ParamCount = None                     # 2.0M at final_C 36, final_layers 20; None: no budget
     final_C: int = Field(default=10, ge=2)            # 36
     final_layers: int = Field(default=8, ge=1)        # 20
     after_budget: Literal["free-only", "fit"] = "free-only"
     # the report also shows the selection under these budgets (one search serves every budget)
     report_budgets: list[str] = ["50k", "100k", "200k"]
-
-    @field_validator("max_params", mode="before")
-    @classmethod
-    def _check_budget(cls, v: Any) -> Any:
-        if v is None:
-            return v
-        try:
-            n = parse_count(v)
-        except UserError as e:
-            raise ValueError(str(e)) from None
-        if n < 1:
-            raise ValueError(f"max_params={v!r} must be a positive size such as 100k or 2M")
-        return str(v)
 
     @model_validator(mode="after")
     def _check_channels(self) -> "LrnasConfig":

@@ -34,7 +34,7 @@ from robustnas.data import DatasetMeta
 from robustnas.errors import UserError
 from robustnas.genotypes import save_genotype
 from robustnas.rundir import atomic_write_text
-from robustnas.search.base import SearchContext, SearchResult
+from robustnas.search.base import SearchContext, SearchResult, checkpoint_meta
 from robustnas.spaces.arnas import ArnasSuperNet
 from robustnas.spaces.darts import SuperNet
 from robustnas.training import epoch_seed, resolve_device
@@ -455,18 +455,9 @@ class SupernetSearch:
 
     def _load_checkpoint(self) -> None:
         out = self.ctx.out_dir
-        if out is None or not (out / f"{CHECKPOINT}.json").exists():
+        meta = checkpoint_meta(out, CHECKPOINT, self._identity())
+        if meta is None:
             return  # nothing to resume: start from scratch
-        meta = json.loads((out / f"{CHECKPOINT}.json").read_text())
-        ident = self._identity()
-        if meta.get("identity") != ident:
-            old = meta.get("identity") or {}
-            diff = [k for k in ident if old.get(k) != ident[k]]
-            if "config" in diff:
-                oc, nc = old.get("config") or {}, ident["config"]
-                diff = [f"config.{k}" for k in nc if oc.get(k) != nc[k]] + [d for d in diff if d != "config"]
-            raise UserError(f"cannot resume the search in {out}: its checkpoint was made with other settings "
-                            f"({', '.join(diff)}); use the same settings or another output folder")
         tensors = load_file(str(out / f"{CHECKPOINT}.safetensors"), device="cpu")
         self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         for prefix, opt in (("w_opt", self.w_opt), ("a_opt", self.a_opt)):

@@ -51,15 +51,15 @@ from torch import Tensor, nn
 
 from robustnas import analysis
 from robustnas.attacks import accuracy, fgsm_rs, pgd, robust_accuracy
-from robustnas.config import Base, TrainConfig, parse_eps
+from robustnas.config import Base, ParamCount, TrainConfig, parse_eps
 from robustnas.data import Dataset
 from robustnas.errors import UserError
 from robustnas.executor import EXECUTORS, Executor, check_executor, make_executor
 from robustnas.rundir import atomic_write_text, save_model, write_json
-from robustnas.search.base import SearchContext, SearchResult, register
+from robustnas.search.base import SearchContext, SearchResult, checkpoint_meta, register
 from robustnas.size import count_params, parse_count
-from robustnas.spaces.tiny import (TinyGenotype, TinyNetwork, TinySpace, TinySuperNet, layer_frequencies,
-                                   model_spec, recalibrate_bn)
+from robustnas.spaces.tiny import (TinyGenotype, TinyNetwork, TinySpace, TinySuperNet, genotype_params,
+                                   layer_frequencies, model_spec, recalibrate_bn)
 from robustnas.training import Trainer, epoch_seed, resolve_device
 
 CHECKPOINT = "search_checkpoint"  # .safetensors (supernet, optimizer) + .json (progress, NSGA-II state)
@@ -97,7 +97,7 @@ class TamNasConfig(Base):
     generations: int = Field(default=10, ge=1)      # populations scored, the initial random one included
     crossover_prob: float = Field(default=0.9, ge=0, le=1)
     mutation_rate: Optional[float] = Field(default=None, gt=0, le=1)  # per gene; None: 1 / number of layers
-    max_params: Optional[str] = None                # parameter ceiling (constraint), e.g. "200k"
+    max_params: ParamCount = None                   # parameter ceiling (constraint), e.g. "200k"
     hv_ref: tuple[float, float, float] = (1.0, 1.0, 1.0)  # in (clean_err, pgd_err, size)
     executor: str = "inprocess"                     # inprocess | pool | ray (robustnas/executor.py)
     workers: Optional[int] = Field(default=None, ge=1)  # pool / ray: processes (None: one per core)
@@ -113,19 +113,6 @@ class TamNasConfig(Base):
         if v is None:
             return v
         parse_eps(v)
-        return str(v)
-
-    @field_validator("max_params", mode="before")
-    @classmethod
-    def _check_max_params(cls, v: Any) -> Any:
-        if v is None:
-            return v
-        try:
-            n = parse_count(v)
-        except UserError as e:
-            raise ValueError(str(e)) from None
-        if n <= 0:
-            raise ValueError("must be a positive size such as 200k")
         return str(v)
 
     @field_validator("executor")
@@ -176,13 +163,26 @@ class SubnetScorer:
 
 
 # ================================================================================================ NSGA-II
-def make_operators(space: TinySpace, mutation_rate: Optional[float] = None, crossover_prob: float = 0.9):
-    """pymoo Sampling, Crossover and Mutation on the tiny encoding; every output is canonical and valid."""
+def make_operators(space: TinySpace, mutation_rate: Optional[float] = None, crossover_prob: float = 0.9,
+                   fits: Optional[Callable[[list[int]], bool]] = None):
+    """pymoo Sampling, Crossover and Mutation on the tiny encoding; every output is canonical and valid.
+    With `fits` (a parameter ceiling), each member of the first population is a uniform draw shrunk
+    (TinySpace.shrink) until it fits: no uniform draw of 2000 has fewer than 70k parameters, and a
+    population with no feasible member leaves NSGA-II nothing to build on."""
     rate = mutation_rate if mutation_rate is not None else 1.0 / space.n_layers
+
+    def draw(rng: np.random.Generator) -> list[int]:
+        x = space.sample(rng)
+        while fits is not None and not fits(x):
+            smaller = space.shrink(x, rng)
+            if smaller == x:
+                break  # the smallest subnet: the ceiling is below everything
+            x = smaller
+        return x
 
     class TinySampling(Sampling):
         def _do(self, problem, n_samples, *args, random_state=None, **kwargs):
-            return np.array([space.sample(random_state) for _ in range(n_samples)], dtype=int)
+            return np.array([draw(random_state) for _ in range(n_samples)], dtype=int)
 
     class LayerUniformCrossover(Crossover):
         """Two parents, two children; each layer's (block, width) pair comes whole from one parent."""
@@ -240,11 +240,15 @@ def run_nsga2(space: TinySpace, fn: Callable[[list[int]], dict[str, Any]], execu
               generations: int, seed: int, params_scale: float, max_params: Optional[int] = None,
               hv_ref: Sequence[float] = (1.0, 1.0, 1.0), mutation_rate: Optional[float] = None,
               crossover_prob: float = 0.9, state: Optional[dict] = None,
+              count: Optional[Callable[[list[int]], int]] = None,
               on_generation: Optional[Callable[[dict, dict], None]] = None) -> tuple[list[dict], list[dict]]:
     """NSGA-II by ask/tell. `fn(encoding)` scores one subnet ({"clean_err", "pgd_err", "params", ...});
     the generation's new encodings go to `executor.map(fn, ...)` at once. `state` (from a previous
-    on_generation call) resumes after its generation. Returns (every score, one record per generation)."""
-    sampling, crossover, mutation = make_operators(space, mutation_rate, crossover_prob)
+    on_generation call) resumes after its generation. `count(encoding)` (parameters without building the
+    subnet) lets the first population be drawn under max_params. Returns (every score, one record per
+    generation)."""
+    fits = (lambda x: count(x) <= max_params) if count is not None and max_params is not None else None
+    sampling, crossover, mutation = make_operators(space, mutation_rate, crossover_prob, fits)
     xl, xu = space.bounds()
     n_constr = 1 if max_params is not None else 0
     problem = Problem(n_var=space.n_var, n_obj=3, n_ieq_constr=n_constr, xl=xl, xu=xu, vtype=int)
@@ -496,7 +500,7 @@ class TamNas:
                                       generations=cfg.generations, seed=ctx.seed, params_scale=self.params_scale,
                                       max_params=self.max_params, hv_ref=cfg.hv_ref, mutation_rate=cfg.mutation_rate,
                                       crossover_prob=cfg.crossover_prob, state=self.nsga_state,
-                                      on_generation=on_generation)
+                                      on_generation=on_generation, count=self.count_params)
             finally:
                 executor.close()
         front = pareto_front(scores, self.params_scale, self.max_params)
@@ -560,6 +564,10 @@ class TamNas:
                       for f in final]
             lines.append("")
         return lines
+
+    def count_params(self, encoding: Sequence[int]) -> int:
+        meta = self.ctx.data.meta
+        return genotype_params(self.space.decode(encoding), meta.num_classes, meta.shape[0])
 
     def pick(self, front: Sequence[dict]) -> TinyGenotype:
         """The front member written as genotype.json: the lowest PGD error (then clean error, then size);
@@ -630,18 +638,9 @@ class TamNas:
 
     def _load_checkpoint(self) -> None:
         out = self.ctx.out_dir
-        if out is None or not (out / f"{CHECKPOINT}.json").exists():
+        meta = checkpoint_meta(out, CHECKPOINT, self._identity())
+        if meta is None:
             return  # nothing to resume: start from scratch
-        meta = json.loads((out / f"{CHECKPOINT}.json").read_text())
-        ident = self._identity()
-        if meta.get("identity") != ident:
-            old = meta.get("identity") or {}
-            diff = [k for k in ident if old.get(k) != ident[k]]
-            if "config" in diff:
-                oc, nc = old.get("config") or {}, ident["config"]
-                diff = [f"config.{k}" for k in nc if oc.get(k) != nc[k]] + [d for d in diff if d != "config"]
-            raise UserError(f"cannot resume the search in {out}: its checkpoint was made with other settings "
-                            f"({', '.join(diff)}); use the same settings or another output folder")
         tensors = load_file(str(out / f"{CHECKPOINT}.safetensors"), device=str(self.device))
         self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         sd = self.opt.state_dict()

@@ -55,6 +55,7 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -171,6 +172,21 @@ class TinySpace:
             allowed = self.allowed_blocks(i)
             x += [allowed[rng.integers(len(allowed))], int(rng.integers(len(self.layer_widths[i])))]
         return self.canonical(x)
+
+    def shrink(self, x: Sequence[int], rng: np.random.Generator, num_classes: int = 10) -> list[int]:
+        """One random step towards fewer parameters: one layer gets a narrower width or another block,
+        drawn among the changes that lower the network's parameter count (skip included where allowed;
+        a skip keeps its input width, so a local change is checked on the whole network). Repeated, it
+        ends at a subnet no single change makes smaller; a constrained search repairs draws with it."""
+        x = self.canonical(x)
+        current = genotype_params(self.decode(x), num_classes, 1)
+        moves = []
+        for i in range(self.n_layers):
+            if x[2 * i] != SKIP and x[2 * i + 1] > 0:
+                moves.append(self.canonical(x[:2 * i + 1] + [x[2 * i + 1] - 1] + x[2 * i + 2:]))
+            moves += [self.canonical(x[:2 * i] + [b] + x[2 * i + 1:]) for b in self.allowed_blocks(i) if b != x[2 * i]]
+        smaller = [m for m in moves if genotype_params(self.decode(m), num_classes, 1) < current]
+        return smaller[rng.integers(len(smaller))] if smaller else x
 
     def largest(self) -> list[int]:
         b = BLOCKS.index(LARGEST_BLOCK)
@@ -341,6 +357,22 @@ class TinyBlock(nn.Module):
 
 def make_block(block: str, c_in: int, c_out: int, stride: int) -> nn.Module:
     return nn.Identity() if block == "skip" else TinyBlock(block, c_in, c_out, stride)
+
+
+@lru_cache(maxsize=None)
+def _block_params(block: str, c_in: int, c_out: int) -> int:
+    return 0 if block == "skip" else sum(p.numel() for p in block_body(block, c_in, c_out, 1).parameters())
+
+
+def genotype_params(genotype: "TinyGenotype", num_classes: int, in_channels: int) -> int:
+    """count_params(TinyNetwork(genotype, ...)) without building it (block counts are memoised; strides and
+    the image size change no count): what a search under a parameter ceiling checks for every draw."""
+    space = TinySpace(genotype.width_mult)
+    total, c_in = in_channels * space.stem * 9 + 2 * space.stem, space.stem  # stem conv (no bias) + BN
+    for block, c_out in genotype.layers:
+        total += _block_params(block, c_in, c_out)
+        c_in = c_out
+    return total + c_in * num_classes + num_classes
 
 
 class TinyNetwork(nn.Module):
