@@ -375,13 +375,19 @@ def _parse_component(msg: str, n: int, out: dict[str, float]) -> None:
 
 def build_autoattack(model: nn.Module, eps: float, norm: Norm = "Linf", version: str = "standard",
                      attacks: Optional[list[str]] = None, seed: int = 0, device: Optional[torch.device] = None,
-                     num_classes: Optional[int] = None, n_queries: Optional[int] = None):
+                     num_classes: Optional[int] = None, n_queries: Optional[int] = None,
+                     n_iter: Optional[int] = None):
     """A pyautoattack.AutoAttack as we run it: seeded; with fewer than 10 classes the targeted attacks
-    aim at every other class instead of the standard 9 (more targets than classes would index past the end)."""
+    aim at every other class instead of the standard 9 (more targets than classes would index past the end);
+    a component run alone (version="custom") keeps the standard version's single restart."""
     from pyautoattack import AutoAttack
 
     aa = AutoAttack(model, norm=norm, eps=eps, version=version, attacks=attacks, seed=seed,
                     device=device if device is not None else "cpu")
+    if version == "custom":
+        aa.apgd.n_restarts = aa.fab.n_restarts = 1
+    if n_iter is not None:
+        aa.apgd.n_iter = aa.apgd_targeted.n_iter = n_iter
     if num_classes is not None and num_classes - 1 < aa.apgd_targeted.n_target_classes:
         aa.apgd_targeted.n_target_classes = max(num_classes - 1, 1)
         aa.fab.n_target_classes = max(num_classes - 1, 1)
@@ -392,7 +398,7 @@ def build_autoattack(model: nn.Module, eps: float, norm: Norm = "Linf", version:
 
 def run_autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: Norm = "Linf",
                    version: str = "standard", attacks: Optional[list[str]] = None, seed: int = 0,
-                   batch_size: int = 250, n_queries: Optional[int] = None,
+                   batch_size: int = 250, n_queries: Optional[int] = None, n_iter: Optional[int] = None,
                    on_message: Optional[Callable[[str], None]] = None) -> AutoAttackResult:
     """AutoAttack through the authors' reference code (pyautoattack), called as they intend.
 
@@ -415,7 +421,7 @@ def run_autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: Nor
 
     with eval_mode(model), frozen_parameters(model), _fork_rng(x.device), _pyautoattack_globals(), \
             capture_autoattack_output(lines, flags, on_msg):
-        aa = build_autoattack(model, eps, norm, version, attacks, seed, x.device, num_classes, n_queries)
+        aa = build_autoattack(model, eps, norm, version, attacks, seed, x.device, num_classes, n_queries, n_iter)
         x_adv, _ = aa.run_standard_evaluation(x.detach(), y, batch_size=batch_size)
     for name in aa.attacks_to_run:  # pyautoattack stops logging once no robust image is left
         components.setdefault(name, 0.0)
@@ -444,6 +450,22 @@ def square(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: Norm = "Lin
                           batch_size=batch_size, n_queries=n_queries, **kw).x_adv
 
 
+def apgd_ce(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: Norm = "Linf", seed: int = 0,
+            batch_size: int = 250, n_iter: int = 100, generator: Optional[torch.Generator] = None, **kw) -> Tensor:
+    """APGD-CE alone (AutoAttack's first component: step-size-free PGD on the cross-entropy, 1 restart of
+    `n_iter` iterations), through pyautoattack. Seeded by `seed` (`generator` is not used)."""
+    return run_autoattack(model, x, y, eps, norm, version="custom", attacks=["apgd-ce"], seed=seed,
+                          batch_size=batch_size, n_iter=n_iter, **kw).x_adv
+
+
+def apgd_t(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: Norm = "Linf", seed: int = 0,
+           batch_size: int = 250, n_iter: int = 100, generator: Optional[torch.Generator] = None, **kw) -> Tensor:
+    """APGD-T alone (targeted APGD on the DLR loss against up to 9 other classes, `n_iter` iterations each),
+    through pyautoattack. Seeded by `seed` (`generator` is not used)."""
+    return run_autoattack(model, x, y, eps, norm, version="custom", attacks=["apgd-t"], seed=seed,
+                          batch_size=batch_size, n_iter=n_iter, **kw).x_adv
+
+
 # --------------------------------------------------------------------------------------------- registry
 ATTACKS: dict[str, Attack] = {
     "fgsm": fgsm,
@@ -453,13 +475,15 @@ ATTACKS: dict[str, Attack] = {
     "transfer": transfer,
     "autoattack": autoattack,
     "square": square,
+    "apgd-ce": apgd_ce,
+    "apgd-t": apgd_t,
 }
 # attacks that run inside pyautoattack (whole set at once, their own batching and seeding)
-PYAUTOATTACK_ATTACKS = ("autoattack", "square")
+PYAUTOATTACK_ATTACKS = ("autoattack", "square", "apgd-ce", "apgd-t")
 
 
 def attack_names() -> str:
-    return "fgsm, pgd20, pgd100, pgdK (K steps, e.g. pgd50), cw, transfer, autoattack, square"
+    return "fgsm, pgd20, pgd100, pgdK (K steps, e.g. pgd50), cw, transfer, autoattack, apgd-ce, apgd-t, square"
 
 
 def get_attack(name: str) -> Attack:

@@ -6,6 +6,7 @@ import sys
 from typing import Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -175,6 +176,98 @@ def run(
     if m.get("baseline"):
         _print_metrics(f"{m['run_dir']}/baseline", m["baseline"])
     console.print(f"report: {m['run_dir']}/report.md")
+
+
+@app.command()
+def study(
+    config: Optional[str] = typer.Option(None, help="YAML with the study's settings (see configs/study.yaml)"),
+    dataset: Optional[str] = typer.Option(None),
+    params: Optional[str] = typer.Option(None, help="parameter budget of every architecture, e.g. 25k"),
+    random: Optional[int] = typer.Option(None, help="random genotypes drawn from the DARTS space"),
+    epochs: Optional[int] = typer.Option(None),
+    n: Optional[int] = typer.Option(None, help="test images attacked"),
+    executor: Optional[str] = typer.Option(None, help="where the jobs run, e.g. inprocess"),
+    seed: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None),
+    out: Optional[str] = typer.Option(None),
+    resume: bool = typer.Option(False, help="redo only the jobs of --out that did not finish"),
+    progress: bool = typer.Option(True),
+) -> None:
+    """Architecture study without adversarial training: random, published and hand-crafted nets and ensembles."""
+    from robustnas.study import StudyCommand, run_study
+    from robustnas.study_report import summary_table
+
+    base = _run(load_yaml, config) if config else {}
+    flags = {"params": params, "random": random, "n": n, "executor": executor, "seed": seed, "device": device,
+             "out": out, "data": {"dataset": dataset}, "train": {"epochs": epochs}}
+    cmd = _run(validate, StudyCommand, deep_update(base, flags))
+    s = _run(run_study, cmd, resume=resume, progress=progress)
+    console.print(summary_table(s))
+    console.print(f"report: {s['run_dir']}/report.md")
+
+
+@app.command()
+def compare(
+    run_dirs: list[str] = typer.Argument(..., help="run directories with metrics.json"),
+    out: str = typer.Option("runs/compare", help="where report.md, compare.json and plots/ go"),
+) -> None:
+    """One table and Pareto plot over finished runs, ranked by AutoAttack accuracy."""
+    from robustnas.compare import compare_runs
+
+    result = _run(compare_runs, run_dirs, out)
+    _print_comparison(result)
+
+
+@app.command()
+def benchmark(
+    config: str = typer.Option(..., help="YAML: data, budget, methods (each with its search settings), "
+                                         "baselines, train, evaluate"),
+    out: Optional[str] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None),
+    resume: bool = typer.Option(False, help="continue: finished members are not redone"),
+    progress: bool = typer.Option(True),
+) -> None:
+    """Every search method and hand-crafted baseline on the same data, budget, recipe and attacks."""
+    from robustnas.config import BenchmarkCommand
+    from robustnas.pipeline import benchmark_run
+
+    base = _run(load_yaml, config)
+    cmd = _run(validate, BenchmarkCommand, deep_update(base, {"out": out, "seed": seed, "device": device}))
+    _print_comparison(_run(benchmark_run, cmd, resume=resume, progress=progress))
+
+
+def _print_comparison(result: dict) -> None:
+    table = Table("model", "clean", "PGD-20", "AutoAttack", "HRS", "params")
+    for e in result["entries"]:
+        table.add_row(e["label"], *("-" if e[k] is None else f"{e[k]:.3f}" for k in ("clean_acc", "pgd20",
+                                                                                       "autoattack_acc", "hrs")),
+                      "-" if e["params"] is None else f"{e['params']:,}")
+    console.print(table)
+    console.print(f"report: {result['report']}")
+
+
+@app.command()
+def archive(
+    list_: bool = typer.Option(False, "--list", help="list the archived architectures (the default)"),
+    pareto: bool = typer.Option(False, "--pareto", help="only the Pareto front: most robust for fewest parameters"),
+    dataset: Optional[str] = typer.Option(None),
+    eps: Optional[str] = typer.Option(None, help='e.g. 0.1 or "8/255"'),
+    space: Optional[str] = typer.Option(None, help="search space, e.g. darts, tiny"),
+    method: Optional[str] = typer.Option(None, help="the method of the run that evaluated it"),
+    metric: str = typer.Option("autoattack_acc", help="robust figure shown and maximised; pgd20 where absent"),
+    db: Optional[str] = typer.Option(None, help="archive file (default $ROBUSTNAS_ARCHIVE, else "
+                                                "./robustnas-archive.sqlite)"),
+) -> None:
+    """Every evaluated architecture in the results archive, or the Pareto front of a dataset and eps."""
+    from robustnas.store import table
+
+    title, headers, rows = _run(table, db, pareto=pareto, metric=metric, dataset=dataset, eps=eps, space=space,
+                                method=method)
+    out = Table(*headers, title=title, box=box.SIMPLE_HEAD, show_edge=False, padding=0)
+    for row in rows:
+        out.add_row(*row)
+    console.print(out)
 
 
 def main() -> None:  # pragma: no cover

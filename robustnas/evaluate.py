@@ -159,7 +159,7 @@ class _Runner:
 
     def _run_pyautoattack(self, name: str, x: Tensor, y: Tensor, eps: float, label: str,
                           options: dict) -> Tensor:
-        components = ["square"] if name == "square" else ["apgd-ce", "apgd-t", "fab-t", "square"]
+        components = ["apgd-ce", "apgd-t", "fab-t", "square"] if name == "autoattack" else [name]
         task = self.bar.add_task(label, total=len(components), info="")
 
         def on_message(msg: str) -> None:
@@ -169,9 +169,9 @@ class _Runner:
                 self.bar.advance(task)
                 self.bar.update(task, info=msg[len("robust accuracy after "):].split(" (")[0])
 
-        if name == "square":
+        if name != "autoattack":  # one component alone: square, apgd-ce, apgd-t
             result = run_autoattack(self.model, x, y, eps, self.norm, version="custom",
-                                    attacks=["square"], seed=self.seed, batch_size=self.batch_size,
+                                    attacks=[name], seed=self.seed, batch_size=self.batch_size,
                                     on_message=on_message, **options)
         else:
             result = run_autoattack(self.model, x, y, eps, self.norm, seed=self.seed,
@@ -205,7 +205,7 @@ def sanity_checks(model: nn.Module, runner: _Runner, masks: dict[str, Tensor], a
                   aa_flags: list[str], sanity_n: int) -> list[Check]:
     """The checklist. `masks` holds the per-image results at eps of every attack run so far (fgsm, pgd20
     and pgd100 among them; pgd100 possibly on the first `sanity_n` images only)."""
-    x, y, n, eps, norm, bs = runner.x, runner.y, runner.n, runner.eps, runner.norm, runner.batch_size
+    x, y, n, norm, bs = runner.x, runner.y, runner.n, runner.norm, runner.batch_size
     acc = {k: _acc(v) for k, v in masks.items()}
     checks: list[Check] = []
 

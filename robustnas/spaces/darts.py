@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -184,6 +185,37 @@ def derive_cell(weights: torch.Tensor, steps: int, primitives: Sequence[str]) ->
         gene.extend((primitives[best[j]], j) for j in edges)
         start += n
     return gene
+
+
+def random_genotype(rng: np.random.Generator | int, space: str = "darts", steps: int = 4, multiplier: int = 4,
+                    primitives: Sequence[str] = PRIMITIVES) -> Genotype:
+    """A genotype drawn uniformly from the cells a DARTS derivation can produce (random-search baselines).
+
+    Per cell kind and node: two distinct input states among the earlier ones (the two cell inputs and
+    the earlier nodes), each edge with an op drawn uniformly from the non-'none' primitives; the cell
+    concatenates its last `multiplier` nodes. Pairs are ordered by input index, so equal cells compare
+    equal. `rng` is a numpy Generator (or a seed for one): the same seed gives the same genotype.
+    """
+    if space not in SPACES:
+        raise UserError(f"unknown space {space!r} for a random genotype; use one of {', '.join(SPACES)}")
+    if not isinstance(steps, int) or steps < 1 or not 1 <= multiplier <= steps:
+        raise UserError(f"steps={steps!r}, multiplier={multiplier!r}: need steps >= 1 and 1 <= multiplier <= steps")
+    ops = [p for p in primitives if p != "none"]
+    unknown = [p for p in ops if p not in PRIMITIVES]
+    if not ops or unknown:
+        raise UserError(f"primitives {list(primitives)}: need at least one op other than 'none' from "
+                        f"{', '.join(PRIMITIVES)}")
+    if not isinstance(rng, np.random.Generator):
+        rng = np.random.default_rng(rng)
+    concat = list(range(2 + steps - multiplier, steps + 2))
+    cells: dict[str, Any] = {}
+    for kind in CELL_KINDS[space]:
+        gene: list[Pair] = []
+        for node in range(steps):
+            inputs = sorted(int(j) for j in rng.choice(node + 2, size=2, replace=False))
+            gene.extend((ops[int(rng.integers(len(ops)))], j) for j in inputs)
+        cells[kind], cells[f"{kind}_concat"] = gene, concat
+    return Genotype(space=space, source="random_genotype", **cells)
 
 
 # --------------------------------------------------------------------------------------------------

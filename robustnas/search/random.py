@@ -1,0 +1,253 @@
+"""Random search over the DARTS cell space: the baseline every NAS method should beat (Li & Talwalkar 2019;
+Yang et al. 2020, "NAS evaluation is frustratingly hard").
+
+`n` genotypes are drawn with `random_genotype` from one seeded generator. Each candidate's network (its C
+picked for the parameter budget `params`, else `C`) is trained briefly by the one Trainer on the first
+`train_n` training images (`train`: by default one epoch of FGSM-RS adversarial training) and scored on
+the validation images the Trainer checks after its last epoch. The genotype returned is the one with the
+best score (`select`): "hrs" (default) is the harmonic robustness score of validation clean and PGD
+accuracy, "robust" and "clean" those accuracies alone, ties to the higher clean accuracy, then the earlier
+draw; "first" returns the first draw and trains nothing (pure random sampling).
+
+Candidates go through an executor (`executor`), `chunk` at a time; search.jsonl gets one line per
+candidate after each chunk, and `resume` skips the candidates already there.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from robustnas.analysis import hrs
+from robustnas.config import Base, TrainConfig
+from robustnas.data import Dataset, DatasetMeta, Split
+from robustnas.errors import UserError
+from robustnas.executor import EXECUTORS, make_executor
+from robustnas.rundir import atomic_write_text
+from robustnas.search.base import SearchContext, SearchResult, register
+from robustnas.size import count_params, parse_count
+from robustnas.spaces.darts import Genotype, random_genotype
+from robustnas.training import Trainer, epoch_seed
+
+DEFAULT_C = 8
+MAX_DRAWS_PER_GENOTYPE = 50  # redraws allowed per kept genotype before the budget counts as unreachable
+
+
+def sample_genotypes(n: int, rng: np.random.Generator | int, meta: DatasetMeta, layers: int,
+                     params: Optional[int] = None, C: Optional[int] = None, space: str = "darts",
+                     **net_kw: Any) -> tuple[list[tuple[Genotype, int]], int]:
+    """`n` random genotypes, each with its initial channel count C, and how many draws were rejected.
+
+    With a parameter budget, C is the one arch.channels_for_params picks for it (network options such as
+    reduction_layers in `net_kw`); a draw that cannot meet the budget at all is redrawn from the same
+    generator, so the kept set is still a pure function of the seed. Without one, every genotype gets `C`
+    (default 8).
+    """
+    from robustnas.arch import channels_for_params
+
+    if not isinstance(rng, np.random.Generator):
+        rng = np.random.default_rng(rng)
+    out: list[tuple[Genotype, int]] = []
+    rejected = 0
+    while len(out) < n:
+        g = random_genotype(rng, space=space)
+        if params is None:
+            out.append((g, C or DEFAULT_C))
+            continue
+        try:
+            out.append((g, channels_for_params(g, meta, layers, params, **net_kw)))
+        except UserError:
+            rejected += 1
+            if rejected > MAX_DRAWS_PER_GENOTYPE * n:
+                raise UserError(f"random genotypes with {layers} cells rarely fit {params} parameters "
+                                f"({rejected} draws rejected); change the budget or the number of cells")
+    return out, rejected
+
+
+class RandomConfig(Base):
+    """Settings of random search. Defaults are CPU-sized."""
+
+    n: int = Field(default=8, ge=1)                # genotypes drawn
+    seed: Optional[int] = Field(default=None, ge=0)  # sampler seed; None: the run's seed
+    space: Literal["darts", "arnas"] = "darts"
+    layers: int = Field(default=5, ge=1)           # cells of each candidate's proxy network
+    C: Optional[int] = Field(default=None, ge=2)   # initial channels when no budget is given (default 8)
+    params: Optional[str] = None                   # parameter budget that picks each candidate's C, e.g. "50k"
+    select: Literal["hrs", "robust", "clean", "first"] = "hrs"
+    train_n: int = Field(default=1000, ge=1)       # training images of the proxy
+    train: TrainConfig = TrainConfig(epochs=1, batch_size=64, adv="fgsm-rs", val_n=200, val_steps=10,
+                                     select="last")
+    executor: str = "inprocess"
+    executor_options: dict[str, Any] = {}          # e.g. {workers: 2} for the pool (robustnas/executor.py)
+    chunk: int = Field(default=4, ge=1)            # candidates per executor call (and per search.jsonl write)
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _check_params(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        try:
+            n = parse_count(v)
+        except UserError as e:
+            raise ValueError(str(e)) from None
+        if n <= 0:
+            raise ValueError("must be a positive size such as 50k")
+        return str(v)
+
+    @field_validator("C")
+    @classmethod
+    def _check_c(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and v % 2:
+            raise ValueError(f"C={v}: final DARTS networks need an even C")
+        return v
+
+    @field_validator("executor")
+    @classmethod
+    def _check_executor(cls, v: str) -> str:
+        if v not in EXECUTORS:
+            raise ValueError(f"unknown executor {v!r}; known: {', '.join(EXECUTORS)}")
+        return v
+
+
+@dataclass
+class ProxyScorer:
+    """Trains one candidate briefly and scores it on validation images. Picklable and deterministic in its
+    item (the candidate's own seed), so any executor can run it."""
+
+    data: Dataset
+    train: TrainConfig
+    eps: float
+    layers: int
+    device: str
+
+    def __call__(self, item: dict) -> dict:
+        from robustnas.genotypes import build_network
+
+        t0 = time.perf_counter()
+        meta = self.data.meta
+        torch.manual_seed(item["seed"])
+        g = Genotype.from_dict(item["genotype"])
+        model = build_network(g, C=item["C"], layers=self.layers, num_classes=meta.num_classes,
+                              in_shape=meta.shape, mean=meta.mean, std=meta.std)
+        trainer = Trainer(model, self.data, self.train, self.eps, seed=item["seed"], device=self.device,
+                          progress=False)
+        log = trainer.fit().history[-1]
+        return {"index": item["index"], "genotype": item["genotype"], "C": item["C"], "layers": self.layers,
+                "params": count_params(model), "val_clean": log.val_clean, "val_robust": log.val_robust,
+                "score": hrs(log.val_clean, log.val_robust), "seconds": time.perf_counter() - t0}
+
+
+def _proxy_data(data: Dataset, train_n: int, val_n: int) -> Dataset:
+    """Only the images the proxy uses, so that shipping the scorer to a worker stays cheap."""
+    def head(s: Split, k: int) -> Split:
+        return Split(s.x[:k], s.y[:k])
+
+    return Dataset(meta=data.meta, train=head(data.train, train_n), val=head(data.val, val_n),
+                   test=head(data.test, 0))
+
+
+@register
+class RandomSearch:
+    """Draw `n` genotypes, score each with a short proxy training, return the best (see the module doc)."""
+
+    name = "random"
+    Config = RandomConfig
+
+    def __init__(self, cfg: RandomConfig):
+        self.cfg = cfg
+
+    def candidates(self, ctx: SearchContext) -> list[dict]:
+        """The drawn genotypes as executor items (index, genotype JSON, C, seed), a function of the seed."""
+        cfg = self.cfg
+        seed = ctx.seed if cfg.seed is None else cfg.seed
+        params = parse_count(cfg.params) if cfg.params else None
+        drawn, self.rejected = sample_genotypes(cfg.n, np.random.default_rng(seed), ctx.data.meta, cfg.layers,
+                                                params=params, C=cfg.C, space=cfg.space)
+        return [{"index": i, "genotype": g.to_dict(), "C": c, "seed": epoch_seed(seed, 1_000 + i)}
+                for i, (g, c) in enumerate(drawn)]
+
+    def search(self, ctx: SearchContext, resume: bool = False) -> SearchResult:
+        cfg, t0 = self.cfg, time.perf_counter()
+        items = self.candidates(ctx)
+        records = self._unscored(items[0]) if cfg.select == "first" else self._score(items, ctx, resume)
+        self._save(ctx.out_dir, records)
+        best = self.pick(records)
+        genotype = Genotype.from_dict(best["genotype"])
+        genotype.source = (f"robustnas search --method random (draw {best['index']} of {len(items)}, seed "
+                           f"{ctx.seed if cfg.seed is None else cfg.seed}, select {cfg.select})")
+        if ctx.out_dir is not None:
+            from robustnas.genotypes import save_genotype
+
+            save_genotype(genotype, ctx.out_dir / "genotype.json")
+        return SearchResult(genotype=genotype, history=records, seconds=time.perf_counter() - t0,
+                            extra={"chosen": best["index"], "C": best["C"], "layers": cfg.layers,
+                                   "rejected_draws": self.rejected})
+
+    def _unscored(self, item: dict) -> list[dict]:
+        return [{"index": item["index"], "genotype": item["genotype"], "C": item["C"], "layers": self.cfg.layers}]
+
+    def _score(self, items: list[dict], ctx: SearchContext, resume: bool) -> list[dict]:
+        """Every candidate's proxy score, through the executor `chunk` at a time (search.jsonl after each)."""
+        cfg = self.cfg
+        done = self._load(ctx.out_dir, items) if resume else {}
+        records = [done[i] for i in sorted(done)]
+        todo = [it for it in items if it["index"] not in done]
+        train = cfg.train.model_copy(update={"attack": cfg.train.attack.model_copy(update={"norm": ctx.norm})})
+        scorer = ProxyScorer(_proxy_data(ctx.data, cfg.train_n, train.val_n), train, ctx.eps, cfg.layers,
+                             str(ctx.device))
+        bar = Progress(TextColumn("[bold]search random"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[info]}"), TimeElapsedColumn(), disable=not ctx.progress)
+        executor = make_executor(cfg.executor, **cfg.executor_options)
+        try:
+            with bar:
+                task = bar.add_task("random", total=len(items), completed=len(records), info="")
+                for k in range(0, len(todo), cfg.chunk):
+                    for rec in executor.map(scorer, todo[k:k + cfg.chunk]):
+                        records.append(rec)
+                        if ctx.on_epoch_end is not None:
+                            ctx.on_epoch_end(rec)
+                    self._save(ctx.out_dir, records)
+                    best = self.pick(records)
+                    bar.update(task, completed=len(records), info=f"best #{best['index']} clean "
+                               f"{best['val_clean']:.3f} robust {best['val_robust']:.3f}")
+        finally:
+            executor.close()
+        return records
+
+    def pick(self, records: list[dict]) -> dict:
+        """The record `select` prefers: highest score, ties to higher clean accuracy, then the earlier draw."""
+        if self.cfg.select == "first":
+            return min(records, key=lambda r: r["index"])
+        key = {"hrs": "score", "robust": "val_robust", "clean": "val_clean"}[self.cfg.select]
+        return max(records, key=lambda r: (r[key], r["val_clean"], -r["index"]))
+
+    @staticmethod
+    def _save(out: Optional[Path], records: list[dict]) -> None:
+        if out is not None:
+            rows = sorted(records, key=lambda r: r["index"])
+            atomic_write_text(Path(out) / "search.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+    @staticmethod
+    def _load(out: Optional[Path], items: list[dict]) -> dict[int, dict]:
+        """Candidates already scored in out/search.jsonl; they must be this search's draws."""
+        path = Path(out) / "search.jsonl" if out is not None else None
+        if path is None or not path.exists():
+            return {}
+        done = {}
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            i = rec.get("index")
+            if not isinstance(i, int) or i >= len(items) or rec.get("genotype") != items[i]["genotype"] \
+                    or "score" not in rec:
+                raise UserError(f"{path} holds candidates of another search (other seed, space or size); "
+                                f"use another --out")
+            done[i] = rec
+        return done

@@ -1,0 +1,311 @@
+"""The architecture study (study.py, ensemble.py, study_report.py), the random genotype sampler and the
+random search strategy, on digits with tiny networks."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from robustnas.analysis import hrs
+from robustnas.arch import build_arch
+from robustnas.attacks import accuracy
+from robustnas.cli import app
+from robustnas.config import SearchCommand, validate
+from robustnas.data import load_dataset
+from robustnas.ensemble import FeatureEnsemble, LogitEnsemble, feature_ensemble, init_weights, split_classifier
+from robustnas.errors import UserError
+from robustnas.genotypes import build_network, load_genotype
+from robustnas.rundir import load_model
+from robustnas.spaces.darts import PRIMITIVES, Genotype, random_genotype
+from robustnas.study import StudyCommand, run_study
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def _net(genotype, meta, C=4, layers=3):
+    return build_network(genotype, C=C, layers=layers, num_classes=meta.num_classes, in_shape=meta.shape,
+                         mean=meta.mean, std=meta.std)
+
+
+# ------------------------------------------------------------------------------------------ random genotypes
+def test_random_genotype_is_a_valid_derivation_reproducible_and_seed_dependent(digits):
+    draws = [random_genotype(seed) for seed in range(40)]
+    ops, inputs = Counter(), Counter()
+    for g in draws:
+        for kind in ("normal", "reduce"):
+            cell, concat = g.cell(kind)
+            assert len(cell) == 8 and concat == [2, 3, 4, 5]
+            for node in range(4):
+                (op_a, a), (op_b, b) = cell[2 * node], cell[2 * node + 1]
+                assert a != b and 0 <= a < node + 2 and 0 <= b < node + 2  # two distinct earlier states
+                assert "none" not in (op_a, op_b)
+                ops.update([op_a, op_b])
+                inputs.update([(node, a), (node, b)])
+        assert Genotype.from_json(g.to_json()) == g  # survives JSON
+    # every non-none op and every possible input of every node occurs
+    assert set(ops) == set(PRIMITIVES) - {"none"}
+    assert set(inputs) == {(node, j) for node in range(4) for j in range(node + 2)}
+    # reproducible for a seed (int or Generator), different across seeds
+    assert random_genotype(7) == random_genotype(np.random.default_rng(7)) == draws[7]
+    assert len({g.to_json() for g in draws}) == len(draws)
+    # a drawn genotype builds a network that runs
+    out = _net(draws[0], digits.meta)(digits.test.x[:4])
+    assert out.shape == (4, 10) and torch.isfinite(out).all()
+    arnas = random_genotype(3, space="arnas")
+    assert arnas.space == "arnas" and arnas.robust is not None and arnas.accurate is not None
+    with pytest.raises(UserError, match="space"):
+        random_genotype(0, space="tiny")
+    with pytest.raises(UserError, match="primitives"):
+        random_genotype(0, primitives=["none"])
+
+
+# ------------------------------------------------------------------------------------------ ensembles
+def test_logit_ensemble_is_the_mean_of_its_members_logits(digits):
+    meta, x = digits.meta, digits.test.x[:16]
+    members = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        members.append(build_arch("cnn", meta, width=0.25)[0].eval())
+    ens = LogitEnsemble(members).eval()
+    with torch.no_grad():
+        expected = (members[0](x) + members[1](x) + members[2](x)) / 3
+        assert torch.allclose(ens(x), expected, atol=1e-6)
+        assert not torch.allclose(members[0](x), members[1](x))  # the members differ, so the mean is not trivial
+    # white-box: the input gradient flows through every member
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(ens(xg).logsumexp(1).sum(), xg)
+    assert g.abs().sum() > 0
+
+
+def test_feature_ensemble_averages_pooled_features_under_one_classifier(digits):
+    meta, x = digits.meta, digits.test.x[:16]
+    genotype = load_genotype("darts_v2")
+    torch.manual_seed(0)
+    net = _net(genotype, meta).eval()
+    # split_classifier keeps the function: classifier(body(x)) is the network's output
+    body, linear = split_classifier(copy.deepcopy(net))
+    with torch.no_grad():
+        assert torch.allclose(linear(body(x)), net(x), atol=1e-6)
+        assert body(x).shape == (16, linear.in_features)
+
+    inits = ["kaiming_normal", "xavier_normal", "kaiming_uniform"]
+    ens = feature_ensemble(lambda: _net(genotype, meta), inits, seed=5).eval()
+    assert isinstance(ens, FeatureEnsemble) and len(ens.bodies) == 3
+    with torch.no_grad():
+        feats = [b(x) for b in ens.bodies]
+        assert torch.allclose(ens(x), ens.classifier((feats[0] + feats[1] + feats[2]) / 3), atol=1e-6)
+        assert not torch.allclose(feats[0], feats[1])  # different initialisations, different features
+    # the same seed builds the same ensemble
+    again = feature_ensemble(lambda: _net(genotype, meta), inits, seed=5).eval()
+    with torch.no_grad():
+        assert torch.equal(again(x), ens(x))
+    # one loss trains every body and the shared classifier
+    ens.train()
+    torch.nn.functional.cross_entropy(ens(x), digits.test.y[:16]).backward()
+    for part in [*ens.bodies, ens.classifier]:
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+
+
+def test_init_schemes_give_their_standard_deviations():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(400, 300)
+    fan_in, fan_out = 400, 300
+    expected = {"kaiming_normal": (2 / fan_in) ** 0.5, "xavier_normal": (2 / (fan_in + fan_out)) ** 0.5,
+                "kaiming_uniform": (2 / fan_in) ** 0.5}
+    for scheme, std in expected.items():
+        init_weights(layer, scheme)
+        assert abs(layer.weight.std().item() - std) < 0.03 * std
+        assert layer.bias.abs().sum() == 0
+    with pytest.raises(UserError, match="initialisation"):
+        init_weights(layer, "orthogonal")
+
+
+def test_hrs_is_the_harmonic_mean_of_clean_and_robust_accuracy():
+    assert hrs(0.8, 0.4) == pytest.approx(2 * 0.8 * 0.4 / 1.2)
+    assert hrs(0.6, 0.6) == pytest.approx(0.6)
+    assert hrs(0.9, 0.0) == 0.0 and hrs(0.0, 0.0) == 0.0
+    assert hrs(0.9, 0.1) < (0.9 + 0.1) / 2  # below the arithmetic mean when the two differ
+
+
+# ------------------------------------------------------------------------------------------ the study
+STUDY = {
+    "device": "cpu", "data": {"dataset": "digits", "subset": 400}, "params": "5k", "layers": 3, "random": 2,
+    "published": ["darts_v2"], "handcrafted": ["cnn"],
+    "train": {"adv": "none", "epochs": 1, "batch_size": 32, "lr": 0.1, "val_n": 50, "val_steps": 1},
+    "attacks": ["fgsm", "pgd20"], "eps": ["0.05", "0.2"], "n": 40, "batch_size": 40,
+    "ensembles": {"feature": ["random-0"], "random": [2]},
+}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "s"
+    cfg = tmp_path_factory.mktemp("cfg") / "study.yaml"
+    import yaml
+
+    cfg.write_text(yaml.safe_dump(STUDY))
+    result = CliRunner().invoke(app, ["study", "--config", str(cfg), "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_study_reports_every_architecture_and_ensemble(study, digits):
+    s = json.loads((study / "study.json").read_text())
+    assert [m["name"] for m in s["models"]] == ["random-0", "random-1", "darts_v2", "cnn"]
+    assert [m["group"] for m in s["models"]] == ["random", "random", "published", "handcrafted"]
+    assert [e["name"] for e in s["ensembles"]] == ["feature-random-0", "logit-random-2"]
+    assert s["eps"] == ["0.05", "0.2"] and s["attacks"] == ["fgsm", "pgd20"]
+    for r in s["models"] + s["ensembles"]:
+        for e in s["eps"]:
+            acc = r["robust_acc"][e]
+            assert set(acc) == {"fgsm", "pgd20"}
+            # robust means right clean and attacked; worst means robust to both attacks
+            assert r["worst_acc"][e] <= min(acc.values()) <= max(acc.values()) <= r["clean_acc"]
+            assert r["hrs"][e] == pytest.approx(hrs(r["clean_acc"], r["worst_acc"][e]))
+        assert r["in_ball"]
+    # genotype networks stay within the budget; the random genotypes are the seed's draws
+    for m in s["models"][:3]:
+        assert m["params"] <= 5000
+    for k in range(2):
+        assert load_genotype(str(study / "genotypes" / f"random-{k}.json")).normal is not None
+    # group means and the NAS - hand-crafted difference follow from the rows
+    e = "0.05"
+    nas = [m["robust_acc"][e]["pgd20"] for m in s["models"] if m["group"] != "handcrafted"]
+    assert s["groups"]["nas"][e]["pgd20"] == pytest.approx(sum(nas) / 3)
+    assert s["nas_minus_handcrafted"][e]["pgd20"] == pytest.approx(sum(nas) / 3 - s["models"][3]["robust_acc"][e]["pgd20"])
+    # the feature ensemble has three bodies and one classifier: fewer than three whole networks
+    fe, le = s["ensembles"]
+    assert s["models"][0]["params"] < fe["params"] < 3 * s["models"][0]["params"]
+    assert le["params"] == s["models"][0]["params"] + s["models"][1]["params"]
+    assert le["reference"] == ["random-0", "random-1"]
+    assert le["gain_vs_mean"][e]["pgd20"] == pytest.approx(
+        le["robust_acc"][e]["pgd20"] - (s["models"][0]["robust_acc"][e]["pgd20"]
+                                        + s["models"][1]["robust_acc"][e]["pgd20"]) / 2)
+
+
+def test_the_logit_ensemble_row_is_the_ensemble_of_the_saved_members(study):
+    s = json.loads((study / "study.json").read_text())
+    data = load_dataset("digits", subset=400)
+    members = [load_model(study / "models" / name)[0] for name in ("random-0", "random-1")]
+    x, y = data.test.x[:40], data.test.y[:40]
+    assert accuracy(LogitEnsemble(members), x, y) == pytest.approx(s["ensembles"][1]["clean_acc"])
+    assert accuracy(members[0], x, y) == pytest.approx(s["models"][0]["clean_acc"])
+
+
+def test_a_study_model_directory_is_a_run_directory(study):
+    from robustnas.evaluate import evaluate_run
+
+    s = json.loads((study / "study.json").read_text())
+    m = evaluate_run(study / "models" / "darts_v2", attacks=["fgsm"], n=40, device="cpu", progress=False)
+    assert m["dataset"] == "digits" and m["params"] == s["models"][2]["params"]
+    assert m["clean_acc"] == pytest.approx(s["models"][2]["clean_acc"])  # the same model on the same images
+
+
+def test_study_writes_report_table_and_plots(study):
+    s = json.loads((study / "study.json").read_text())
+    report = (study / "report.md").read_text()
+    for e in s["eps"]:
+        assert f"## eps {e}" in report
+    for name in ["random-0", "random-1", "darts_v2", "cnn", "feature-random-0", "logit-random-2"]:
+        rows = [line for line in report.splitlines() if line.startswith(f"| {name} |")]
+        per_eps = 2 if name.startswith(("feature-", "logit-")) else 1  # ensembles also fill the ensembles table
+        assert len(rows) == per_eps * len(s["eps"])
+    assert "NAS - hand-crafted" in report and "## Ensembles" in report
+    rows = list(csv.DictReader((study / "table.csv").open()))
+    assert len(rows) == 6 * (1 + 2 * 3)  # per model: clean, and per eps two attacks + worst
+    assert {r["attack"] for r in rows} == {"clean", "fgsm", "pgd20", "worst"}
+    for png in ("robust_vs_eps", "groups", "ensembles"):
+        assert (study / "plots" / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_pickled_worker_reproduces_a_job(study, tmp_path):
+    """What the pool and Ray executors rely on: the worker survives pickling and its job fixes its result."""
+    import pickle
+
+    from robustnas.data import Dataset, Split
+    from robustnas.study import StudyWorker
+
+    s = json.loads((study / "study.json").read_text())
+    row = next(m for m in s["models"] if m["name"] == "cnn")
+    cmd = validate(StudyCommand, STUDY)
+    data = load_dataset("digits", subset=400)
+    used = Dataset(data.meta, data.train, Split(data.val.x[:50], data.val.y[:50]),
+                   Split(data.test.x[:40], data.test.y[:40]))
+    worker = pickle.loads(pickle.dumps(StudyWorker(cmd, used, tmp_path, "cpu")))
+    again = worker(row["job"])
+    assert again["robust_acc"] == row["robust_acc"] and again["clean_acc"] == row["clean_acc"]
+
+
+def test_study_resume_reuses_finished_jobs(study):
+    before = json.loads((study / "study.json").read_text())
+    cmd = validate(StudyCommand, {**STUDY, "out": str(study)})
+    with pytest.raises(UserError, match="already exists"):
+        run_study(cmd, progress=False)
+    again = run_study(cmd, resume=True, progress=False)
+    assert [m["seconds"] for m in again["models"]] == [m["seconds"] for m in before["models"]]  # nothing rerun
+    assert [m["robust_acc"] for m in again["ensembles"]] == [m["robust_acc"] for m in before["ensembles"]]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"ensembles": {"feature": ["resnet"], "random": []}}, "ensembles.feature"),
+    ({"ensembles": {"feature": [], "random": [3]}}, "ensembles.random"),
+    ({"handcrafted": ["alexnet"]}, "hand-crafted"),
+    ({"attacks": ["pgd20", "nope"]}, "unknown attack"),
+    ({"published": ["darts_v2"], "params": "100"}, "budget"),
+])
+def test_study_rejects_bad_settings_before_writing(tmp_path, change, message):
+    cmd = validate(StudyCommand, {**STUDY, **change, "out": str(tmp_path / "s")})
+    with pytest.raises(UserError, match=message):
+        run_study(cmd, progress=False)
+    assert not (tmp_path / "s").exists()
+
+
+# ------------------------------------------------------------------------------------------ random search
+def test_random_search_scores_its_draws_and_returns_the_best(tmp_path):
+    from robustnas.pipeline import search_run
+
+    settings = {"n": 3, "layers": 3, "C": 4, "train_n": 200, "chunk": 2,
+                "train": {"epochs": 1, "batch_size": 50, "adv": "fgsm-rs", "val_n": 50, "val_steps": 2,
+                          "select": "last"}}
+    cmd = validate(SearchCommand, {"method": "random", "device": "cpu", "seed": 3, "out": str(tmp_path / "r"),
+                                   "data": {"dataset": "digits"}, "search": settings})
+    result, out = search_run(cmd, progress=False)
+    lines = [json.loads(line) for line in (out / "search.jsonl").read_text().splitlines()]
+    # the candidates are the seed's first three draws, each scored by HRS of its validation accuracies
+    rng = np.random.default_rng(3)
+    assert [rec["genotype"] for rec in lines] == [random_genotype(rng).to_dict() for _ in range(3)]
+    assert [rec["index"] for rec in lines] == [0, 1, 2]
+    for rec in lines:
+        assert rec["score"] == pytest.approx(hrs(rec["val_clean"], rec["val_robust"]))
+        assert rec["C"] == 4 and rec["params"] > 0
+    best = max(lines, key=lambda r: (r["score"], r["val_clean"], -r["index"]))
+    saved = load_genotype(str(out / "genotype.json"))
+    assert saved.normal == Genotype.from_dict(best["genotype"]).normal and result.extra["chosen"] == best["index"]
+    # resume finds every candidate done and gives the same answer without training
+    again, _ = search_run(cmd, resume=True, progress=False)
+    assert again.history == result.history
+
+
+def test_random_search_first_and_budget(digits):
+    from robustnas.search import SearchContext, build_strategy
+
+    first = build_strategy("random", {"n": 4, "select": "first", "layers": 3}).search(
+        SearchContext(data=digits, eps=0.1, seed=11, progress=False))
+    assert first.genotype.normal == random_genotype(11).normal and len(first.history) == 1
+    sized = build_strategy("random", {"n": 2, "params": "4k", "layers": 3})
+    items = sized.candidates(SearchContext(data=digits, eps=0.1, seed=0, progress=False))
+    for it in items:
+        net = _net(Genotype.from_dict(it["genotype"]), digits.meta, C=it["C"])
+        assert it["C"] % 2 == 0 and sum(p.numel() for p in net.parameters()) <= 4000
+    with pytest.raises(UserError, match="even C"):
+        build_strategy("random", {"C": 5})
