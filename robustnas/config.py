@@ -143,6 +143,9 @@ class FinalNetConfig(Base):
     C: Optional[int] = None       # initial channels; None: picked from `params`, else arch.DEFAULT_C
     layers: Optional[int] = None  # cells; None: arch.DEFAULT_LAYERS
     params: Optional[str] = None  # parameter budget that picks C, e.g. "100k"
+    # cells that halve the map (None: the DARTS rule, layers//3 and 2*layers//3); early reductions make a
+    # network on 28x28 inputs several times cheaper to train and attack
+    reduction_layers: Optional[list[int]] = None
 
 
 class EvalConfig(Base):
@@ -200,6 +203,7 @@ class BenchmarkCommand(Base):
     data: DataConfig = DataConfig()
     budget: ParamCount = "50k"      # parameters of every final network (searched and hand-crafted)
     layers: Optional[int] = None    # cells of the DARTS-space final networks; None: arch.DEFAULT_LAYERS
+    reduction_layers: Optional[list[int]] = None  # their reduction cells; None: the DARTS rule
     methods: dict[str, dict[str, Any]] = {}
     baselines: list[str] = ["cnn"]
     train: TrainConfig = TrainConfig()

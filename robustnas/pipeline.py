@@ -185,17 +185,18 @@ def final_network_size(cmd: RunCommand, strategy) -> dict:
     """build_arch's size keywords for the searched network: the method's own when its search fixed them
     (Strategy.final_size), else the `final:` settings. A clash is an error before anything runs."""
     given = {"C": cmd.final.C, "layers": cmd.final.layers,
-             "params": parse_count(cmd.final.params) if cmd.final.params else None}
+             "params": parse_count(cmd.final.params) if cmd.final.params else None,
+             "reduction_layers": cmd.final.reduction_layers}
     fixed = strategy.final_size() if hasattr(strategy, "final_size") else None
     if fixed is None:
-        return given
+        return {k: v for k, v in given.items() if k != "reduction_layers" or v is not None}
     for key, value in given.items():
         if value is not None and fixed.get(key) != value:
             want = (f"the search fixes {key}={fixed[key]}" if key in fixed
                     else f"method {cmd.method} fixes the final network's size itself")
             raise UserError(f"final.{key}={value} clashes with the search: {want}; remove final.{key} "
                             f"(or change the method's own setting)")
-    return {"C": fixed.get("C"), "layers": fixed.get("layers")} if fixed else {}
+    return dict(fixed)
 
 
 def run_pipeline(cmd: RunCommand, resume: bool = False, progress: bool = True) -> dict:
@@ -297,7 +298,8 @@ def benchmark_run(cmd: BenchmarkCommand, resume: bool = False, progress: bool = 
         if fixes_size and "max_params" in type(strategy.cfg).model_fields:
             settings.setdefault("max_params", cmd.budget)
             strategy = build_strategy(method, settings)
-        final = {} if fixes_size else {"params": cmd.budget, "layers": cmd.layers}
+        final = {} if fixes_size else {"params": cmd.budget, "layers": cmd.layers,
+                                       "reduction_layers": cmd.reduction_layers}
         rc = RunCommand(name=method, seed=cmd.seed, device=cmd.device, out=str(out / method), data=cmd.data,
                         method=method, search=settings, final=final, train=cmd.train, evaluate=cmd.evaluate,
                         baseline={"arch": None}, test_pgd_steps=cmd.test_pgd_steps, test_n=cmd.test_n)

@@ -18,7 +18,7 @@ TAMNAS = {"epochs": 1, "max_batches_per_epoch": 2, "batch_size": 16, "attack_ste
 
 def bench_config(tmp_path, **over):
     cfg = {"name": "bench", "seed": 0, "out": str(tmp_path / "bench"), "data": {"dataset": "digits", "subset": 300},
-           "budget": "60k", "layers": 3, "methods": {"darts": DARTS, "tamnas": TAMNAS}, "baselines": ["cnn"],
+           "budget": "60k", "layers": 3, "reduction_layers": [0, 1], "methods": {"darts": DARTS, "tamnas": TAMNAS}, "baselines": ["cnn"],
            "train": {"adv": "pgd", "epochs": 1, "batch_size": 32, "val_n": 32, "val_steps": 1,
                      "attack": {"eps": "0.1", "steps": 1}},
            "evaluate": {"attacks": ["fgsm", "pgd20"], "n": 30, "certify": []}, "test_n": 30, **over}
@@ -46,6 +46,8 @@ def test_benchmark_runs_every_member_within_the_budget_and_writes_one_report(ben
     assert all(f"| {label} |" in report for label in labels)
     assert (bench / "plots" / "pareto.png").exists()
     assert "Operations by cell position" in report and "**darts**" in report and "**tamnas**" not in report
+    spec = json.loads((bench / "darts" / "model.json").read_text())
+    assert spec["layers"] == 3 and spec["reduction_layers"] == [0, 1]
     searched = {e["label"]: e for e in data["entries"]}
     assert searched["darts"]["search_seconds"] > 0 and searched["cnn (hand-crafted)"]["search_seconds"] is None
 

@@ -291,6 +291,17 @@ def test_greedy_selection_respects_the_budget_from_tiny_to_large(data, after):
         assert sel.params == _selector(data, None).select(alphas).params  # the largest budget binds nothing
 
 
+def test_greedy_selection_counts_the_final_network_with_its_reduction_cells(data):
+    m = data.meta
+    budget = _selector(data, None).empty_params() + 2000
+    sel = GreedySelector(m, 4, 3, budget, PRIMITIVES, reduction_layers=[0, 1]).select(_random_alphas(1))
+    net = build_network(sel.genotype, C=4, layers=3, num_classes=m.num_classes, in_shape=m.shape, mean=m.mean,
+                        std=m.std, reduction_layers=[0, 1])
+    assert sel.params == count_params(net) <= budget
+    default = GreedySelector(m, 4, 3, None, PRIMITIVES).count(sel.genotype)
+    assert default != sel.params  # the cells' layout changes the count: it must be the trained one
+
+
 def test_greedy_selection_fills_the_slots_in_alpha_order(data):
     alphas = _random_alphas(4)
     sel = _selector(data, _selector(data, None).empty_params() + 1200).select(alphas)

@@ -308,8 +308,10 @@ class GreedySelector:
 
     def __init__(self, meta: DatasetMeta, C: int, layers: int, max_params: Optional[int] = None,
                  primitives: Sequence[str] = PRIMITIVES, steps: int = 4, multiplier: int = 4,
-                 after_budget: Literal["free-only", "fit"] = "free-only", kinds: Sequence[str] = ("normal", "reduce")):
+                 after_budget: Literal["free-only", "fit"] = "free-only", kinds: Sequence[str] = ("normal", "reduce"),
+                 reduction_layers: Optional[Sequence[int]] = None):
         self.meta, self.C, self.layers = meta, C, layers
+        self.net_kw = {} if reduction_layers is None else {"reduction_layers": list(reduction_layers)}
         self.budget = math.inf if max_params is None else int(max_params)
         self.primitives = tuple(primitives)
         self.steps, self.multiplier, self.after_budget, self.kinds = steps, multiplier, after_budget, tuple(kinds)
@@ -323,7 +325,7 @@ class GreedySelector:
             m = self.meta
             with torch.device("meta"):
                 net = build_network(genotype, C=self.C, layers=self.layers, num_classes=m.num_classes,
-                                    in_shape=m.shape, mean=m.mean, std=m.std)
+                                    in_shape=m.shape, mean=m.mean, std=m.std, **self.net_kw)
             self._counts[key] = count_params(net)
         return self._counts[key]
 
@@ -390,12 +392,14 @@ class GreedySelector:
 
 
 def select_under_budget(alphas: dict[str, Any], meta: DatasetMeta, max_params: Optional[str | int], C: int,
-                        layers: int, after_budget: Literal["free-only", "fit"] = "free-only") -> Selection:
+                        layers: int, after_budget: Literal["free-only", "fit"] = "free-only",
+                        reduction_layers: Optional[Sequence[int]] = None) -> Selection:
     """The greedy selection for raw alphas {kind: edges x ops} (tensors or the nested lists of a search's
     `alpha_raw`) under another budget: the contributions do not depend on the budget, so one search
     serves every budget."""
     budget = parse_count(max_params) if max_params is not None else None
-    selector = GreedySelector(meta, C, layers, budget, PRIMITIVES, after_budget=after_budget)
+    selector = GreedySelector(meta, C, layers, budget, PRIMITIVES, after_budget=after_budget,
+                              reduction_layers=reduction_layers)
     selector.check()
     return selector.select({k: torch.as_tensor(v, dtype=torch.float64) for k, v in alphas.items()})
 
@@ -442,6 +446,7 @@ class LrnasConfig(SupernetConfig):
     max_params: ParamCount = None                     # 2.0M at final_C 36, final_layers 20; None: no budget
     final_C: int = Field(default=10, ge=2)            # 36
     final_layers: int = Field(default=8, ge=1)        # 20
+    final_reduction_layers: Optional[list[int]] = None  # None: the DARTS rule (layers//3, 2*layers//3)
     after_budget: Literal["free-only", "fit"] = "free-only"
     # the report also shows the selection under these budgets (one search serves every budget)
     report_budgets: list[str] = ["50k", "100k", "200k"]
@@ -474,7 +479,8 @@ class Lrnas(SupernetSearch):
         cfg = self.cfg
         budget = parse_count(cfg.max_params) if cfg.max_params is not None else None
         selector = GreedySelector(meta, cfg.final_C, cfg.final_layers, budget, PRIMITIVES,
-                                  after_budget=cfg.after_budget, kinds=LrnasSuperNet.alpha_names)
+                                  after_budget=cfg.after_budget, kinds=LrnasSuperNet.alpha_names,
+                                  reduction_layers=cfg.final_reduction_layers)
         selector.check()
         return LrnasSuperNet(cfg.C, meta.num_classes, cfg.layers, meta.shape, meta.mean, meta.std,
                              partial_channels_k=cfg.partial_channels_k, selector=selector)
@@ -549,7 +555,10 @@ class Lrnas(SupernetSearch):
     # ---------------------------------------------------------------------------------------- run / report
     def final_size(self) -> dict[str, int]:
         """The greedy selection counted this final network: `run` must train exactly it."""
-        return {"C": self.cfg.final_C, "layers": self.cfg.final_layers}
+        size = {"C": self.cfg.final_C, "layers": self.cfg.final_layers}
+        if self.cfg.final_reduction_layers is not None:
+            size["reduction_layers"] = list(self.cfg.final_reduction_layers)
+        return size
 
     def report_sections(self, result: SearchResult, out: Path, meta: DatasetMeta) -> list[str]:
         """Contributions per op type and per cell kind over epochs, and the selection at other budgets."""
@@ -580,7 +589,8 @@ class Lrnas(SupernetSearch):
             budgets = list(dict.fromkeys([*self.cfg.report_budgets] + ([self.cfg.max_params] if self.cfg.max_params
                                                                       else [])))
             for b in budgets:
-                sel = select_under_budget(alphas, meta, b, C, layers, self.cfg.after_budget)
+                sel = select_under_budget(alphas, meta, b, C, layers, self.cfg.after_budget,
+                                          self.cfg.final_reduction_layers)
                 ops = [op for kind in self.net.alpha_names for op, _ in getattr(sel.genotype, kind)]
                 counts = {"param": sum(op not in PARAMETER_FREE for op in ops),
                           "free": sum(op in PARAMETER_FREE and op != "none" for op in ops),

@@ -1,0 +1,88 @@
+"""LRNAS at several final-network budgets from ONE search, against hand-crafted CNNs of no more
+parameters, with the benchmark's recipe and attacks.
+
+The contributions (and so the alphas) do not depend on the budget: the greedy selection under another
+budget is `select_under_budget` on the alphas the search ended with. This script reads them from the
+LRNAS member of a finished `robustnas benchmark` run (its search.jsonl), trains and evaluates the
+selection at each budget (the benchmark's own budget is its LRNAS run, not redone), trains a CNN within
+each budget, and writes one comparison (report.md, compare.json) to --out. Finished members are reused.
+
+    python benchmarks/lrnas_budgets.py --config configs/benchmark.yaml --budgets 50k,100k,200k
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def main() -> None:
+    from robustnas.arch import build_arch
+    from robustnas.compare import compare_runs
+    from robustnas.config import BenchmarkCommand, RunCommand, load_yaml, validate
+    from robustnas.evaluate import evaluate_run
+    from robustnas.genotypes import save_genotype
+    from robustnas.pipeline import archive_evaluation, baseline_run, load_data, resolved, train_into
+    from robustnas.rundir import read_json
+    from robustnas.search.lrnas import select_under_budget
+    from robustnas.size import parse_count
+    from robustnas.training import resolve_device
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="configs/benchmark.yaml")
+    ap.add_argument("--budgets", default="50k,100k,200k")
+    ap.add_argument("--baseline", default="cnn")
+    ap.add_argument("--out", default=None, help="default: <benchmark out>/lrnas-budgets")
+    args = ap.parse_args()
+
+    cmd = validate(BenchmarkCommand, load_yaml(args.config))
+    bench = Path(cmd.out) if cmd.out else Path("runs") / cmd.name
+    lr = bench / "lrnas"
+    if not (lr / "metrics.json").is_file() or "search_seconds" not in read_json(lr / "metrics.json"):
+        raise SystemExit(f"{lr} is not a finished LRNAS run: run `robustnas benchmark --config {args.config}` first")
+    history = [json.loads(line) for line in (lr / "search.jsonl").read_text().splitlines()]
+    alphas = [h for h in history if "alpha_raw" in h][-1]["alpha_raw"]
+    settings = cmd.methods["lrnas"]
+    C, layers = settings["final_C"], settings["final_layers"]
+    after = settings.get("after_budget", "free-only")
+    reductions = settings.get("final_reduction_layers")
+    net_kw = {} if reductions is None else {"reduction_layers": reductions}
+
+    out = Path(args.out) if args.out else bench / "lrnas-budgets"
+    data = load_data(cmd.data, cmd.seed)
+    device = resolve_device(cmd.device)
+    rc = resolved(RunCommand(name="lrnas-budgets", seed=cmd.seed, device=cmd.device, data=cmd.data, train=cmd.train,
+                             evaluate=cmd.evaluate, test_pgd_steps=cmd.test_pgd_steps, test_n=cmd.test_n), data)
+    ev = cmd.evaluate
+    dirs, labels = [], []
+    for budget in args.budgets.split(","):
+        same = parse_count(budget) == parse_count(cmd.budget)
+        d = lr if same else out / f"lrnas-{budget}"
+        if not (d / "metrics.json").is_file() or "reliable" not in read_json(d / "metrics.json"):
+            sel = select_under_budget(alphas, data.meta, budget, C, layers, after, reductions)
+            d.mkdir(parents=True, exist_ok=True)
+            save_genotype(sel.genotype, d / "genotype.json")
+            model, spec = build_arch(str(d / "genotype.json"), data.meta, C=C, layers=layers, **net_kw)
+            train_into(d, model, spec, data, rc.train, seed=cmd.seed, device=device, resume=True,
+                       test_n=cmd.test_n, test_pgd_steps=cmd.test_pgd_steps)
+            metrics = evaluate_run(d, attacks=ev.attacks, n=ev.n, batch_size=ev.batch_size, certify=ev.certify,
+                                   device=str(device), seed=cmd.seed)
+            archive_evaluation("train", d, metrics, {**rc.model_dump(mode="json"), "lrnas_budget": budget},
+                               method="lrnas")
+        dirs.append(d)
+        labels.append(f"lrnas {budget}")
+        b = bench / f"baseline-{args.baseline}" if same else out / f"{args.baseline}-{budget}"
+        if not (b / "metrics.json").is_file() or "reliable" not in read_json(b / "metrics.json"):
+            baseline_run(b, args.baseline, parse_count(budget), data, rc, device, resume=b.exists(), at_most=True)
+        dirs.append(b)
+        labels.append(f"{args.baseline} {budget}")
+    result = compare_runs(dirs, out, labels, title=f"LRNAS at {args.budgets} final parameters vs {args.baseline}")
+    for e in result["entries"]:
+        print(f"{e['label']:>14}  params {e['params']:>8,}  clean {e['clean_acc']:.3f}  PGD-20 {e['pgd20']:.3f}  "
+              f"AutoAttack {'-' if e['autoattack_acc'] is None else format(e['autoattack_acc'], '.3f')}")
+    print(f"report: {result['report']}")
+
+
+if __name__ == "__main__":
+    main()
