@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from robustnas.errors import UserError
 
@@ -57,6 +57,20 @@ def _check_count(v: Any) -> Any:
 # a parameter count as written by the user ("100k", "2M", 250000), checked and kept as text
 ParamCount = Annotated[Optional[str], BeforeValidator(_check_count)]
 
+
+def _check_eps_text(v: Any) -> Any:
+    if v is None:
+        return v
+    try:
+        parse_eps(v)
+    except UserError as e:
+        raise ValueError(str(e)) from None
+    return str(v)
+
+
+# an epsilon or step size as written by the user ("0.1", "8/255"), checked and kept as text
+EpsText = Annotated[Optional[str], BeforeValidator(_check_eps_text)]
+
 class Base(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -75,18 +89,10 @@ class DataConfig(Base):
 class AttackConfig(Base):
     """The threat model shared by training, validation and evaluation."""
 
-    eps: Optional[str] = None  # None: the dataset's default
+    eps: EpsText = None  # None: the dataset's default
     norm: Literal["Linf", "L2"] = "Linf"
     steps: int = Field(default=10, ge=1)
-    step_size: Optional[str] = None  # None: 2.5 * eps / steps
-
-    @field_validator("eps", "step_size", mode="before")
-    @classmethod
-    def _check_eps(cls, v: Any) -> Any:
-        if v is None:
-            return v
-        parse_eps(v)
-        return str(v)
+    step_size: EpsText = None  # None: 2.5 * eps / steps
 
 
 class TrainConfig(Base):

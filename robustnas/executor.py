@@ -34,8 +34,10 @@ from concurrent.futures import ProcessPoolExecutor as _Pool
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence, TypeVar
 from typing import runtime_checkable
+
+from pydantic import AfterValidator
 
 from robustnas.errors import UserError
 
@@ -356,6 +358,16 @@ def _import_path_for_workers(local: bool) -> Iterator[None]:
 
 EXECUTORS: dict[str, Callable[..., Executor]] = {"inprocess": InProcessExecutor, "pool": PoolExecutor,
                                                  "ray": RayExecutor}
+
+
+def _known_executor(name: str) -> str:
+    if name not in EXECUTORS:
+        raise ValueError(f"unknown executor {name!r}; known: {', '.join(EXECUTORS)}")
+    return name
+
+
+# a config field naming an executor, checked against EXECUTORS
+ExecutorName = Annotated[str, AfterValidator(_known_executor)]
 
 
 def check_executor(name: str, **options: Any) -> dict[str, Any]:

@@ -25,11 +25,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 
 from robustnas.analysis import hrs
-from robustnas.config import (ArchConfig, Base, DataConfig, TrainCommand, TrainConfig, format_eps, parse_eps,
-                              to_yaml)
+from robustnas.config import (ArchConfig, Base, DataConfig, ParamCount, TrainCommand, TrainConfig, format_eps,
+                              parse_eps, to_yaml)
 from robustnas.data import Dataset, Split
 from robustnas.ensemble import INITS, LogitEnsemble, feature_ensemble
 from robustnas.errors import UserError
+from robustnas.executor import ExecutorName
 from robustnas.rundir import atomic_write_text, read_json, save_model, write_json
 from robustnas.size import count_params, parse_count
 
@@ -52,7 +53,7 @@ class StudyCommand(Base):
     device: str = "auto"
     out: Optional[str] = None
     data: DataConfig = DataConfig(dataset="fashion-mnist", fallback="digits", subset=3000)
-    params: str = "25k"                  # parameter budget of every single architecture
+    params: ParamCount = "25k"           # parameter budget of every single architecture
     layers: int = Field(default=3, ge=1)  # cells of the genotype networks
     reduction_layers: Optional[list[int]] = None  # their reduction cells; None: DARTS's L//3 and 2L//3
     random: int = Field(default=3, ge=0)  # random genotypes drawn (named random-0, random-1, ...)
@@ -65,19 +66,8 @@ class StudyCommand(Base):
     batch_size: int = Field(default=256, ge=1)
     attack_options: dict[str, dict[str, Any]] = {"apgd-ce": {"n_iter": 50}, "square": {"n_queries": 500}}
     ensembles: EnsembleConfig = EnsembleConfig()
-    executor: str = "inprocess"
+    executor: ExecutorName = "inprocess"
     executor_options: dict[str, Any] = {}  # e.g. {workers: 2} for the pool (robustnas/executor.py)
-
-    @field_validator("params", mode="before")
-    @classmethod
-    def _check_params(cls, v: Any) -> Any:
-        try:
-            n = parse_count(v)
-        except UserError as e:
-            raise ValueError(str(e)) from None
-        if n <= 0:
-            raise ValueError("must be a positive size such as 25k")
-        return str(v)
 
     @field_validator("eps", mode="before")
     @classmethod

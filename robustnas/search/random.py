@@ -27,10 +27,10 @@ from pydantic import Field, field_validator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from robustnas.analysis import hrs
-from robustnas.config import Base, TrainConfig
+from robustnas.config import Base, ParamCount, TrainConfig
 from robustnas.data import Dataset, DatasetMeta, Split
 from robustnas.errors import UserError
-from robustnas.executor import EXECUTORS, make_executor
+from robustnas.executor import ExecutorName, make_executor
 from robustnas.rundir import atomic_write_text
 from robustnas.search.base import SearchContext, SearchResult, register
 from robustnas.size import count_params, parse_count
@@ -80,40 +80,20 @@ class RandomConfig(Base):
     space: Literal["darts", "arnas"] = "darts"
     layers: int = Field(default=5, ge=1)           # cells of each candidate's proxy network
     C: Optional[int] = Field(default=None, ge=2)   # initial channels when no budget is given (default 8)
-    params: Optional[str] = None                   # parameter budget that picks each candidate's C, e.g. "50k"
+    params: ParamCount = None                   # parameter budget that picks each candidate's C, e.g. "50k"
     select: Literal["hrs", "robust", "clean", "first"] = "hrs"
     train_n: int = Field(default=1000, ge=1)       # training images of the proxy
     train: TrainConfig = TrainConfig(epochs=1, batch_size=64, adv="fgsm-rs", val_n=200, val_steps=10,
                                      select="last")
-    executor: str = "inprocess"
+    executor: ExecutorName = "inprocess"
     executor_options: dict[str, Any] = {}          # e.g. {workers: 2} for the pool (robustnas/executor.py)
     chunk: int = Field(default=4, ge=1)            # candidates per executor call (and per search.jsonl write)
-
-    @field_validator("params", mode="before")
-    @classmethod
-    def _check_params(cls, v: Any) -> Any:
-        if v is None:
-            return v
-        try:
-            n = parse_count(v)
-        except UserError as e:
-            raise ValueError(str(e)) from None
-        if n <= 0:
-            raise ValueError("must be a positive size such as 50k")
-        return str(v)
 
     @field_validator("C")
     @classmethod
     def _check_c(cls, v: Optional[int]) -> Optional[int]:
         if v is not None and v % 2:
             raise ValueError(f"C={v}: final DARTS networks need an even C")
-        return v
-
-    @field_validator("executor")
-    @classmethod
-    def _check_executor(cls, v: str) -> str:
-        if v not in EXECUTORS:
-            raise ValueError(f"unknown executor {v!r}; known: {', '.join(EXECUTORS)}")
         return v
 
 

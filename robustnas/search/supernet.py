@@ -23,13 +23,13 @@ from typing import Any, Callable, ClassVar, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from robustnas.attacks import accuracy, fgsm_rs, pgd, robust_accuracy
-from robustnas.config import Base, parse_eps
+from robustnas.config import Base, EpsText, parse_eps
 from robustnas.data import DatasetMeta
 from robustnas.errors import UserError
 from robustnas.genotypes import save_genotype
@@ -67,7 +67,7 @@ class SupernetConfig(Base):
     grad_clip: Optional[float] = Field(default=5.0, gt=0)  # 5
     weight_adv: Literal["none", "pgd", "fgsm-rs"] = "none"  # examples the weights learn on (ARNAS: pgd)
     attack_steps: int = Field(default=7, ge=1)    # PGD steps of the weight step (ARNAS: 7)
-    step_size: Optional[str] = None               # None: 2.5*eps/steps for PGD, 1.25*eps for FGSM-RS
+    step_size: EpsText = None                     # None: 2.5*eps/steps for PGD, 1.25*eps for FGSM-RS
     # --- alpha step: Adam
     alpha_lr: float = Field(default=3e-4, gt=0)   # 3e-4
     alpha_betas: tuple[float, float] = (0.5, 0.999)  # (0.5, 0.999)
@@ -84,14 +84,6 @@ class SupernetConfig(Base):
     # --- per-epoch validation of the supernet on the first val_n images of the validation split
     val_n: int = Field(default=256, ge=1)
     val_steps: int = Field(default=10, ge=1)      # PGD steps of the robust validation accuracy
-
-    @field_validator("step_size", mode="before")
-    @classmethod
-    def _check_step(cls, v: Any) -> Any:
-        if v is None:
-            return v
-        parse_eps(v)
-        return str(v)
 
     @model_validator(mode="after")
     def _check_epochs(self) -> "SupernetConfig":

@@ -35,7 +35,7 @@ from typing import Any, Callable, ClassVar, Literal, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from pymoo.algorithms.moo.nsga2 import NSGA2
 from pymoo.core.crossover import Crossover
 from pymoo.core.evaluator import Evaluator
@@ -51,10 +51,10 @@ from torch import Tensor, nn
 
 from robustnas import analysis
 from robustnas.attacks import accuracy, fgsm_rs, pgd, robust_accuracy
-from robustnas.config import Base, ParamCount, TrainConfig, parse_eps
+from robustnas.config import Base, EpsText, ParamCount, TrainConfig, parse_eps
 from robustnas.data import Dataset
 from robustnas.errors import UserError
-from robustnas.executor import EXECUTORS, Executor, check_executor, make_executor
+from robustnas.executor import Executor, ExecutorName, check_executor, make_executor
 from robustnas.rundir import atomic_write_text, save_model, write_json
 from robustnas.search.base import SearchContext, SearchResult, checkpoint_meta, register
 from robustnas.size import count_params, parse_count
@@ -85,7 +85,7 @@ class TamNasConfig(Base):
     adv: Literal["none", "pgd", "fgsm-rs"] = "pgd"  # standard vs adversarial supernet training
     attack_steps: int = Field(default=5, ge=1)      # PGD steps of the supernet's training examples
     eps_warmup_epochs: float = Field(default=2.0, ge=0)  # epsilon ramps linearly from 0 over these epochs
-    step_size: Optional[str] = None                 # None: 2.5*eps/steps for PGD, 1.25*eps for FGSM-RS
+    step_size: EpsText = None                       # None: 2.5*eps/steps for PGD, 1.25*eps for FGSM-RS
     val_n: int = Field(default=200, ge=0)           # per-epoch check of the largest/smallest subnet; 0: none
     # --- scoring of one subnet (inherited weights, recalibrated BN)
     eval_n: int = Field(default=500, ge=1)          # first eval_n images of the validation split
@@ -99,28 +99,13 @@ class TamNasConfig(Base):
     mutation_rate: Optional[float] = Field(default=None, gt=0, le=1)  # per gene; None: 1 / number of layers
     max_params: ParamCount = None                   # parameter ceiling (constraint), e.g. "200k"
     hv_ref: tuple[float, float, float] = (1.0, 1.0, 1.0)  # in (clean_err, pgd_err, size)
-    executor: str = "inprocess"                     # inprocess | pool | ray (robustnas/executor.py)
+    executor: ExecutorName = "inprocess"            # inprocess | pool | ray (robustnas/executor.py)
     workers: Optional[int] = Field(default=None, ge=1)  # pool / ray: processes (None: one per core)
     address: Optional[str] = None                   # ray: a cluster's address (None: a local Ray)
     # --- post-search training of Pareto subnets (the Trainer's settings in final_train)
     final: Literal["none", "scratch", "finetune"] = "none"
     final_n: int = Field(default=3, ge=1)
     final_train: TrainConfig = TrainConfig(epochs=10, batch_size=64)
-
-    @field_validator("step_size", mode="before")
-    @classmethod
-    def _check_step(cls, v: Any) -> Any:
-        if v is None:
-            return v
-        parse_eps(v)
-        return str(v)
-
-    @field_validator("executor")
-    @classmethod
-    def _check_executor(cls, v: str) -> str:
-        if v not in EXECUTORS:
-            raise ValueError(f"unknown executor {v!r}; known: {', '.join(EXECUTORS)}")
-        return v
 
     @model_validator(mode="after")
     def _check_executor_options(self) -> "TamNasConfig":
