@@ -24,7 +24,8 @@ def main() -> None:
     from robustnas.evaluate import evaluate_run
     from robustnas.genotypes import save_genotype
     from robustnas.pipeline import archive_evaluation, baseline_run, load_data, resolved, train_into
-    from robustnas.rundir import read_json
+    from robustnas.config import to_yaml
+    from robustnas.rundir import atomic_write_text, read_json
     from robustnas.search.lrnas import select_under_budget
     from robustnas.size import parse_count
     from robustnas.training import resolve_device
@@ -62,6 +63,7 @@ def main() -> None:
         if not (d / "metrics.json").is_file() or "reliable" not in read_json(d / "metrics.json"):
             sel = select_under_budget(alphas, data.meta, budget, C, layers, after, reductions)
             d.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(d / "config.yaml", to_yaml(rc))  # evaluate_run reads the dataset from it
             save_genotype(sel.genotype, d / "genotype.json")
             model, spec = build_arch(str(d / "genotype.json"), data.meta, C=C, layers=layers, **net_kw)
             train_into(d, model, spec, data, rc.train, seed=cmd.seed, device=device, resume=True,
