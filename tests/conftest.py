@@ -1,9 +1,18 @@
-"""Tests use tiny networks, for which one intra-op thread is faster than two and keeps runs repeatable."""
+"""Tests use tiny networks, for which one intra-op thread is faster than two and keeps runs repeatable
+(with more, thousands of tiny ops only add contention on a shared 2-core machine)."""
 
 import pytest
 import torch
 
+from robustnas.data import load_dataset
+
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def data():
+    """200 digits images: the search tests' dataset."""
+    return load_dataset("digits", subset=200, seed=0)
 
 
 @pytest.fixture(autouse=True, scope="session")

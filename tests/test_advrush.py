@@ -11,26 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustnas.data import load_dataset
 from robustnas.errors import UserError
 from robustnas.search import SearchContext, build_strategy
 from robustnas.search.advrush import curvature_direction, curvature_penalty
 
 TINY = dict(C=4, layers=3, batch_size=16, epochs=2, max_batches_per_epoch=2, val_n=16, val_steps=1,
             val_curvature_n=8)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def data():
-    return load_dataset("digits", subset=200, seed=0)
 
 
 def _x(n=6, seed=0):

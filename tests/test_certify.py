@@ -14,15 +14,6 @@ from robustnas.models.base import Normalize
 TOL = 1e-4  # float32 slack for "inside the bounds"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one thread is faster than two fighting over a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------------------- tiny nets
 def randomize_bn(model: nn.Module, seed: int) -> nn.Module:
     """Non-trivial running statistics, so eval-mode BN is a real affine map."""

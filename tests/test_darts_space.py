@@ -21,16 +21,6 @@ from robustnas.spaces.darts import channel_shuffle
 MEAN3, STD3 = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These nets run thousands of tiny ops; on a shared 2-core machine intra-op threads only add
-    contention (100x slower here), so run them on one thread and restore the setting afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _reference_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     """The PC-DARTS view/transpose form, as an independent reference."""
     b, c, h, w = x.shape

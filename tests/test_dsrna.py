@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustnas.certify import margin_lower_bound
-from robustnas.data import load_dataset
 from robustnas.errors import UserError
 from robustnas.jacobian import dual_order, frobenius_sq_estimate, jacobian_metric, jacobian_row_norms
 from robustnas.search import SearchContext, build_strategy
@@ -24,19 +23,6 @@ from robustnas.spaces.darts import SuperNet
 
 TINY = dict(C=4, layers=3, batch_size=16, epochs=2, max_batches_per_epoch=2, val_n=16, val_steps=1,
             val_metric_n=8)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def data():
-    return load_dataset("digits", subset=200, seed=0)
 
 
 def _smooth_net(seed: int = 0) -> nn.Module:

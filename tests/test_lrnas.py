@@ -32,19 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL_OPS = ["none", "max_pool_3x3", "skip_connect", "sep_conv_3x3", "dil_conv_3x3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def data():
-    return load_dataset("digits", subset=200, seed=0)
-
-
 def _trained_small_net(data, k: int) -> SuperNet:
     """A 2-node, 5-op supernet (50 players) in float64, trained a little so that removals matter."""
     m = data.meta

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from robustnas.data import load_dataset
 from robustnas.errors import UserError
 from robustnas.genotypes import build_network, load_genotype
 from robustnas.search import STRATEGIES, SearchContext, Strategy, build_strategy, get_strategy
@@ -20,19 +19,6 @@ from robustnas.search.darts import Darts
 from robustnas.search.supernet import SearchBatch
 
 TINY = dict(C=4, layers=3, batch_size=32, epochs=2, max_batches_per_epoch=2, val_n=32, val_steps=2)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def data():
-    return load_dataset("digits", subset=200, seed=0)
 
 
 def _ctx(data, out=None, **kw) -> SearchContext:
