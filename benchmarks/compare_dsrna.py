@@ -26,18 +26,6 @@ METHODS = {
 }
 
 
-def even_channels(genotype, meta, layers: int, params: int) -> int:
-    """The even initial width C whose network is nearest the parameter budget (final networks need C even)."""
-    from robustnas.genotypes import build_network
-    from robustnas.size import count_params
-
-    def size(c: int) -> int:
-        return count_params(build_network(genotype, C=c, layers=layers, num_classes=meta.num_classes,
-                                          in_shape=meta.shape, mean=meta.mean, std=meta.std))
-
-    return min(range(2, 130, 2), key=lambda c: abs(size(c) - params))
-
-
 def op_counts(genotype) -> dict:
     """How many parameter-free ops (pools, skips) each cell kind keeps: what a bound-driven search favours."""
     free = {"max_pool_3x3", "avg_pool_3x3", "skip_connect"}
@@ -45,6 +33,7 @@ def op_counts(genotype) -> dict:
 
 
 def run_method(name: str, method: str, settings: dict, data, args, out: Path) -> dict:
+    from robustnas.arch import channels_for_params
     from robustnas.attacks import accuracy, pgd, robust_accuracy
     from robustnas.certify import certified_radius
     from robustnas.config import TrainConfig
@@ -66,7 +55,7 @@ def run_method(name: str, method: str, settings: dict, data, args, out: Path) ->
     genotype = result.genotype
 
     m = data.meta
-    C = even_channels(genotype, m, args.layers, args.params)
+    C = channels_for_params(genotype, m, args.layers, args.params)
     torch.manual_seed(args.seed)
     net = build_network(genotype, C=C, layers=args.layers, num_classes=m.num_classes, in_shape=m.shape,
                         mean=m.mean, std=m.std)

@@ -19,14 +19,14 @@ from robustnas.rundir import atomic_write_text, read_json, write_json
 
 
 def robust_metric(metrics: dict) -> tuple[Optional[float], str]:
-    """The number a run is ranked by: AutoAttack accuracy, else the strongest PGD it ran (labelled)."""
-    if metrics.get("autoattack_acc") is not None:
-        return float(metrics["autoattack_acc"]), "autoattack"
-    pgds = {k: v for k, v in (metrics.get("robust_acc") or {}).items() if k.startswith("pgd") and k[3:].isdigit()}
-    if pgds:
-        name = max(pgds, key=lambda k: int(k[3:]))
-        return float(pgds[name]), name
-    return None, "-"
+    """The number a run is ranked by: AutoAttack accuracy, else the strongest PGD it ran (labelled).
+    The lookup is the archive's (store.metric_value), so both rank alike."""
+    from robustnas.store import metric_value
+
+    pgds = sorted((k for k in metrics.get("robust_acc") or {} if k.startswith("pgd") and k[3:].isdigit()),
+                  key=lambda k: -int(k[3:]))
+    found = metric_value(metrics, "autoattack_acc", pgds)
+    return (found[0], found[1].removesuffix("_acc")) if found else (None, "-")
 
 
 def load_entry(run_dir: str | Path, label: Optional[str] = None) -> dict[str, Any]:

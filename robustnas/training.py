@@ -40,6 +40,11 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919) % (2**63 - 1)
 
 
+def cosine_lr(lr: float, lr_min: float, t: float) -> float:
+    """Cosine annealing from lr at t = 0 to lr_min at t = 1: the one schedule of training and search."""
+    return lr_min + (lr - lr_min) * (1 + math.cos(math.pi * t)) / 2
+
+
 def lr_at(cfg: TrainConfig, it: int, total: int, steps_per_epoch: int) -> float:
     """Learning rate at iteration `it` of `total`: optional linear warm-up, then cosine / piecewise / constant."""
     warm = int(cfg.warmup_epochs * steps_per_epoch)
@@ -47,7 +52,7 @@ def lr_at(cfg: TrainConfig, it: int, total: int, steps_per_epoch: int) -> float:
         return cfg.lr * (it + 1) / warm
     t = (it - warm) / max(total - warm, 1)
     if cfg.schedule == "cosine":
-        return 0.5 * cfg.lr * (1 + math.cos(math.pi * t))
+        return cosine_lr(cfg.lr, 0.0, t)
     if cfg.schedule == "piecewise":
         return cfg.lr * (0.1 if t >= 0.5 else 1.0) * (0.1 if t >= 0.75 else 1.0)
     return cfg.lr

@@ -45,6 +45,7 @@ from robustnas.config import ParamCount
 from robustnas.data import DatasetMeta
 from robustnas.errors import UserError
 from robustnas.genotypes import build_network
+from robustnas.ops import has_parameters
 from robustnas.search.base import SearchContext, SearchResult, register
 from robustnas.search.supernet import SearchBatch, SupernetConfig, SupernetSearch
 from robustnas.size import count_params, format_count, parse_count
@@ -591,19 +592,17 @@ class Lrnas(SupernetSearch):
             for b in budgets:
                 sel = select_under_budget(alphas, meta, b, C, layers, self.cfg.after_budget,
                                           self.cfg.final_reduction_layers)
-                ops = [op for kind in self.net.alpha_names for op, _ in getattr(sel.genotype, kind)]
-                counts = {"param": sum(op not in PARAMETER_FREE for op in ops),
-                          "free": sum(op in PARAMETER_FREE and op != "none" for op in ops),
-                          "none": ops.count("none")}
+                edges = [(op, 2 if kind == "reduce" and j < 2 else 1)  # reduce cells' inputs at stride 2
+                         for kind in self.net.alpha_names for op, j in getattr(sel.genotype, kind)]
+                counts = {"param": sum(has_parameters(op, st) for op, st in edges),
+                          "free": sum(op != "none" and not has_parameters(op, st) for op, st in edges),
+                          "none": sum(op == "none" for op, _ in edges)}
                 lines.append(f"| {b} | {sel.params:,} | {counts['param']} | {counts['free']} | {counts['none']} |")
             lines.append("")
         return lines
 
 
 # ================================================================================================ report
-PARAMETER_FREE = frozenset({"none", "skip_connect", "max_pool_3x3", "avg_pool_3x3"})
-
-
 def summarise_contributions(history: Sequence[dict], metric: Literal["value", "clean_drop", "fgsm_drop"] = "value"
                             ) -> dict[str, Any]:
     """Mean of a contribution metric per op type, per cell kind and per (kind, op), for every epoch of a

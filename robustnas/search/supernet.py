@@ -37,7 +37,7 @@ from robustnas.rundir import atomic_write_text
 from robustnas.search.base import SearchContext, SearchResult, checkpoint_meta
 from robustnas.spaces.arnas import ArnasSuperNet
 from robustnas.spaces.darts import SuperNet
-from robustnas.training import epoch_seed, resolve_device
+from robustnas.training import cosine_lr, epoch_seed, resolve_device
 
 CHECKPOINT = "search_checkpoint"  # .safetensors + .json; not "checkpoint": the Trainer owns that name in a run dir
 
@@ -301,7 +301,7 @@ class SupernetSearch:
     def lr_at(self, epoch: int) -> float:
         """DARTS' CosineAnnealingLR stepped per epoch."""
         cfg = self.cfg
-        return cfg.w_lr_min + (cfg.w_lr - cfg.w_lr_min) * (1 + math.cos(math.pi * epoch / cfg.epochs)) / 2
+        return cosine_lr(cfg.w_lr, cfg.w_lr_min, epoch / cfg.epochs)
 
     def setup(self, ctx: SearchContext) -> None:
         """Supernet, optimizers and data halves; deterministic in ctx.seed."""

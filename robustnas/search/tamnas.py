@@ -60,7 +60,7 @@ from robustnas.search.base import SearchContext, SearchResult, checkpoint_meta, 
 from robustnas.size import count_params, parse_count
 from robustnas.spaces.tiny import (TinyGenotype, TinyNetwork, TinySpace, TinySuperNet, genotype_params,
                                    layer_frequencies, model_spec, recalibrate_bn)
-from robustnas.training import Trainer, epoch_seed, resolve_device
+from robustnas.training import Trainer, cosine_lr, epoch_seed, resolve_device
 
 CHECKPOINT = "search_checkpoint"  # .safetensors (supernet, optimizer) + .json (progress, NSGA-II state)
 OBJECTIVES = ("clean_err", "pgd_err", "size")  # size = params / params of the space's largest subnet
@@ -299,10 +299,6 @@ def run_nsga2(space: TinySpace, fn: Callable[[list[int]], dict[str, Any]], execu
 
 
 # ================================================================================================ the strategy
-def _cosine(lr: float, lr_min: float, it: int, total: int) -> float:
-    return lr_min + (lr - lr_min) * (1 + math.cos(math.pi * it / max(total, 1))) / 2
-
-
 @register
 class TamNas:
     """TAM-NAS: adversarially trained one-shot supernet on the tiny-block space, NSGA-II over
@@ -425,7 +421,7 @@ class TamNas:
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             x, y = x_tr[idx].to(self.device), y_tr[idx].to(self.device)
             it = epoch * self.steps_per_epoch + b
-            lr = _cosine(cfg.lr, cfg.lr_min, it, total)
+            lr = cosine_lr(cfg.lr, cfg.lr_min, it / max(total, 1))
             l, c, n = self.train_step(x, y, self.step_subnets(rng), lr, self.eps_at(it))
             loss_sum, correct, seen, images = loss_sum + l * len(y), correct + c, seen + n, images + len(y)
             if ctx.progress and (b % 5 == 0 or b == self.steps_per_epoch - 1):
@@ -434,7 +430,7 @@ class TamNas:
                     f"{images / (time.perf_counter() - t0):.0f} img/s"))
         train_seconds = time.perf_counter() - t0
         last = (epoch + 1) * self.steps_per_epoch - 1
-        record: dict[str, Any] = {"phase": "supernet", "epoch": epoch, "lr": _cosine(cfg.lr, cfg.lr_min, last, total),
+        record: dict[str, Any] = {"phase": "supernet", "epoch": epoch, "lr": cosine_lr(cfg.lr, cfg.lr_min, last / max(total, 1)),
                                   "eps": self.eps_at(last),
                                   "train_loss": loss_sum / seen, "train_acc": correct / seen}
         if cfg.val_n > 0:

@@ -66,6 +66,7 @@ from torch import Tensor, nn
 from robustnas.errors import UserError
 from robustnas.models.base import Normalize
 from robustnas.models.common import can_downsample, conv_out
+from robustnas.size import count_params
 
 # ------------------------------------------------------------------------------------------- the lists
 KERNELS = (3, 5)
@@ -361,7 +362,7 @@ def make_block(block: str, c_in: int, c_out: int, stride: int) -> nn.Module:
 
 @lru_cache(maxsize=None)
 def _block_params(block: str, c_in: int, c_out: int) -> int:
-    return 0 if block == "skip" else sum(p.numel() for p in block_body(block, c_in, c_out, 1).parameters())
+    return 0 if block == "skip" else count_params(block_body(block, c_in, c_out, 1))
 
 
 def genotype_params(genotype: "TinyGenotype", num_classes: int, in_channels: int) -> int:
