@@ -54,7 +54,7 @@ def main() -> None:
     data = load_data(cmd.data, cmd.seed)
     device = resolve_device(cmd.device)
     rc = resolved(RunCommand(name="lrnas-budgets", seed=cmd.seed, device=cmd.device, data=cmd.data, train=cmd.train,
-                             evaluate=cmd.evaluate, test_pgd_steps=cmd.test_pgd_steps, test_n=cmd.test_n), data)
+                             evaluate=cmd.evaluate), data)
     ev = cmd.evaluate
     dirs, labels = [], []
     for budget in args.budgets.split(","):
@@ -67,7 +67,7 @@ def main() -> None:
             save_genotype(sel.genotype, d / "genotype.json")
             model, spec = build_arch(str(d / "genotype.json"), data.meta, C=C, layers=layers, **net_kw)
             train_into(d, model, spec, data, rc.train, seed=cmd.seed, device=device, resume=True,
-                       test_n=cmd.test_n, test_pgd_steps=cmd.test_pgd_steps)
+                       test_n=0)
             metrics = evaluate_run(d, attacks=ev.attacks, n=ev.n, batch_size=ev.batch_size, certify=ev.certify,
                                    device=str(device), seed=cmd.seed)
             archive_evaluation("train", d, metrics, {**rc.model_dump(mode="json"), "lrnas_budget": budget},

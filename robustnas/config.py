@@ -194,8 +194,6 @@ class RunCommand(Base):
     train: TrainConfig = TrainConfig()
     evaluate: EvalConfig = EvalConfig()
     baseline: BaselineConfig = BaselineConfig()
-    test_pgd_steps: int = 20
-    test_n: int = Field(default=1000, ge=1)
 
 
 class BenchmarkCommand(Base):
@@ -214,8 +212,6 @@ class BenchmarkCommand(Base):
     baselines: list[str] = ["cnn"]
     train: TrainConfig = TrainConfig()
     evaluate: EvalConfig = EvalConfig()
-    test_pgd_steps: int = 20
-    test_n: int = Field(default=1000, ge=1)
 
 
 def load_yaml(path: str | Path) -> dict:

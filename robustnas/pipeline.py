@@ -73,7 +73,8 @@ def check_new_run_dir(out: Path, resume: bool) -> None:
 def train_into(out: Path, model: torch.nn.Module, spec: dict, data: Dataset, train: TrainConfig, seed: int,
                device: torch.device, resume: bool = False, progress: bool = True, test_n: int = 1000,
                test_pgd_steps: int = 20) -> dict:
-    """Train `model` with the Trainer into run directory `out`; save weights, log and a first metrics.json."""
+    """Train `model` with the Trainer into run directory `out`; save weights, log and a first metrics.json
+    with clean and PGD accuracy on `test_n` test images (0: none, for callers that run evaluate_run next)."""
     eps = parse_eps(train.attack.eps)
     trainer = Trainer(model, data, train, eps, seed=seed, device=device, out_dir=out, progress=progress)
     t0 = time.perf_counter()
@@ -82,20 +83,20 @@ def train_into(out: Path, model: torch.nn.Module, spec: dict, data: Dataset, tra
     save_model(out, model, spec)
     atomic_write_text(out / "train.jsonl", "".join(json.dumps(asdict(h)) + "\n" for h in result.history))
 
+    metrics: dict = {"dataset": data.meta.name, "eps": format_eps(eps), "norm": train.attack.norm}
     n = min(test_n, len(data.test.x))
-    x, y = data.test.x[:n].to(device), data.test.y[:n].to(device)
-    torch.manual_seed(seed)
-    clean = accuracy(model, x, y)
-    rob = robust_accuracy(model, x, y, lambda xb, yb: pgd(model, xb, yb, eps, steps=test_pgd_steps,
-                                                          norm=train.attack.norm))
-    metrics = {
-        "dataset": data.meta.name, "eps": format_eps(eps), "norm": train.attack.norm, "n": n,
-        "clean_acc": clean, "robust_acc": {f"pgd{test_pgd_steps}": rob},
+    if n > 0:
+        x, y = data.test.x[:n].to(device), data.test.y[:n].to(device)
+        torch.manual_seed(seed)
+        rob = robust_accuracy(model, x, y, lambda xb, yb: pgd(model, xb, yb, eps, steps=test_pgd_steps,
+                                                              norm=train.attack.norm))
+        metrics.update({"n": n, "clean_acc": accuracy(model, x, y), "robust_acc": {f"pgd{test_pgd_steps}": rob}})
+    metrics.update({
         "params": count_params(model), "flops": count_flops(model, data.meta.shape),
         "train": {"adv": train.adv, "epochs": train.epochs, "best_epoch": result.best_epoch,
                   "best_val_clean": result.best_val_clean, "best_val_robust": result.best_val_robust,
                   "seconds": train_seconds},
-    }
+    })
     write_json(out / "metrics.json", metrics)
     metrics["run_dir"] = str(out)
     return metrics
@@ -173,7 +174,7 @@ def baseline_run(out: Path, arch: str, params: int, data: Dataset, cmd, device: 
     torch.manual_seed(cmd.seed)
     model, spec = build_arch(arch, data.meta, params=params, at_most=at_most)
     train_into(out, model, spec, data, cmd.train, seed=cmd.seed, device=device, resume=resume,
-               progress=progress, test_n=cmd.test_n, test_pgd_steps=cmd.test_pgd_steps)
+               progress=progress, test_n=0)  # evaluate_run measures the test set next
     ev = cmd.evaluate
     metrics = evaluate_run(out, attacks=ev.attacks, n=ev.n, batch_size=ev.batch_size, certify=ev.certify,
                            device=str(device), seed=cmd.seed, progress=progress)
@@ -189,7 +190,7 @@ def final_network_size(cmd: RunCommand, strategy) -> dict:
              "reduction_layers": cmd.final.reduction_layers}
     fixed = strategy.final_size() if hasattr(strategy, "final_size") else None
     if fixed is None:
-        return {k: v for k, v in given.items() if k != "reduction_layers" or v is not None}
+        return given
     for key, value in given.items():
         if value is not None and fixed.get(key) != value:
             want = (f"the search fixes {key}={fixed[key]}" if key in fixed
@@ -241,7 +242,7 @@ def run_pipeline(cmd: RunCommand, resume: bool = False, progress: bool = True) -
     model, spec = build_arch(str(genotype_path), data.meta, **final_kw)
     ev = cmd.evaluate
     train_into(out, model, spec, data, cmd.train, seed=cmd.seed, device=device, resume=resume,
-               progress=progress, test_n=cmd.test_n, test_pgd_steps=cmd.test_pgd_steps)
+               progress=progress, test_n=0)  # evaluate_run measures the test set next
     searched = evaluate_run(out, attacks=ev.attacks, n=ev.n, batch_size=ev.batch_size, certify=ev.certify,
                             device=str(device), seed=cmd.seed, progress=progress)
     searched["search_seconds"] = search_seconds
@@ -302,7 +303,7 @@ def benchmark_run(cmd: BenchmarkCommand, resume: bool = False, progress: bool = 
                                        "reduction_layers": cmd.reduction_layers}
         rc = RunCommand(name=method, seed=cmd.seed, device=cmd.device, out=str(out / method), data=cmd.data,
                         method=method, search=settings, final=final, train=cmd.train, evaluate=cmd.evaluate,
-                        baseline={"arch": None}, test_pgd_steps=cmd.test_pgd_steps, test_n=cmd.test_n)
+                        baseline={"arch": None})
         final_network_size(rc, strategy)  # a clash is reported before anything runs
         runs.append((method, rc))
     if out.exists() and any(out.iterdir()) and not resume:
@@ -321,8 +322,7 @@ def benchmark_run(cmd: BenchmarkCommand, resume: bool = False, progress: bool = 
         device = resolve_device(cmd.device)
         data = load_data(cmd.data, cmd.seed)
         rc = resolved(RunCommand(name="baseline", seed=cmd.seed, device=cmd.device, data=cmd.data,
-                                 train=cmd.train, evaluate=cmd.evaluate, test_pgd_steps=cmd.test_pgd_steps,
-                                 test_n=cmd.test_n), data)
+                                 train=cmd.train, evaluate=cmd.evaluate), data)
         for arch in cmd.baselines:
             bout = out / f"baseline-{arch}"
             if not _finished(bout, "reliable"):

@@ -21,7 +21,7 @@ def bench_config(tmp_path, **over):
            "budget": "60k", "layers": 3, "reduction_layers": [0, 1], "methods": {"darts": DARTS, "tamnas": TAMNAS}, "baselines": ["cnn"],
            "train": {"adv": "pgd", "epochs": 1, "batch_size": 32, "val_n": 32, "val_steps": 1,
                      "attack": {"eps": "0.1", "steps": 1}},
-           "evaluate": {"attacks": ["fgsm", "pgd20"], "n": 30, "certify": []}, "test_n": 30, **over}
+           "evaluate": {"attacks": ["fgsm", "pgd20"], "n": 30, "certify": []}, **over}
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -21,7 +21,6 @@ def tiny_run_config(tmp_path, method="arnas"):
                   "attack": {"eps": "0.1", "steps": 1}},
         "evaluate": {"attacks": ["fgsm", "pgd20"], "n": 30, "certify": ["ibp"]},
         "baseline": {"arch": "cnn"},
-        "test_n": 30,
     }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -68,7 +67,7 @@ def _base(tmp_path, method, search, final):
             "method": method, "search": search, "final": final,
             "train": {"adv": "pgd", "epochs": 1, "batch_size": 32, "val_n": 32, "val_steps": 1,
                       "attack": {"eps": "0.1", "steps": 1}},
-            "evaluate": {"attacks": ["fgsm", "pgd20"], "n": 30}, "baseline": {"arch": None}, "test_n": 30}
+            "evaluate": {"attacks": ["fgsm", "pgd20"], "n": 30}, "baseline": {"arch": None}}
 
 
 LRNAS = {"C": 4, "layers": 3, "partial_channels_k": 1, "batch_size": 32, "epochs": 1, "warmup_epochs": 0,
