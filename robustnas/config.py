@@ -129,14 +129,19 @@ class ArchConfig(Base):
     layers: Optional[int] = None  # genotype networks: number of cells
 
 
-class TrainCommand(Base):
-    """`robustnas train`."""
+class Command(Base):
+    """What every command shares: run name, seed, device, run directory and data."""
 
     name: Optional[str] = None
     seed: int = 0
     device: str = "auto"
-    out: Optional[str] = None
+    out: Optional[str] = None   # None: a directory under runs/ named after the run
     data: DataConfig = DataConfig()
+
+
+class TrainCommand(Command):
+    """`robustnas train`."""
+
     model: ArchConfig = ArchConfig()
     train: TrainConfig = TrainConfig()
     test_pgd_steps: int = 20
@@ -167,27 +172,18 @@ class BaselineConfig(Base):
     arch: Optional[str] = "cnn"  # None: no baseline
 
 
-class SearchCommand(Base):
+class SearchCommand(Command):
     """`robustnas search`: the method's own settings live in `search` (validated by the method's Config)."""
 
-    name: Optional[str] = None
-    seed: int = 0
-    device: str = "auto"
-    out: Optional[str] = None
-    data: DataConfig = DataConfig()
     method: str = "darts"
     search: dict[str, Any] = {}
     attack: AttackConfig = AttackConfig()  # the threat model the search optimises for
 
 
-class RunCommand(Base):
+class RunCommand(Command):
     """`robustnas run`: search -> train the derived network -> evaluate -> report (+ a hand-crafted baseline)."""
 
     name: str = "run"
-    seed: int = 0
-    device: str = "auto"
-    out: Optional[str] = None
-    data: DataConfig = DataConfig()
     method: str = "darts"
     search: dict[str, Any] = {}
     final: FinalNetConfig = FinalNetConfig()
@@ -196,15 +192,11 @@ class RunCommand(Base):
     baseline: BaselineConfig = BaselineConfig()
 
 
-class BenchmarkCommand(Base):
+class BenchmarkCommand(Command):
     """`robustnas benchmark`: every listed method and hand-crafted baseline on the same data, final-network
     parameter budget, training recipe and attacks; `methods` maps a method to its own search settings."""
 
     name: str = "benchmark"
-    seed: int = 0
-    device: str = "auto"
-    out: Optional[str] = None
-    data: DataConfig = DataConfig()
     budget: ParamCount = "50k"      # parameters of every final network (searched and hand-crafted)
     layers: Optional[int] = None    # cells of the DARTS-space final networks; None: arch.DEFAULT_LAYERS
     reduction_layers: Optional[list[int]] = None  # their reduction cells; None: the DARTS rule

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from robustnas.analysis import hrs
 from robustnas.attacks import (PYAUTOATTACK_ATTACKS, AutoAttackResult, attack_names, autoattack_static_checks,
                                eval_mode, get_attack, margin_loss, run_autoattack, transfer_from as bind_transfer)
-from robustnas.config import format_eps, parse_eps
+from robustnas.config import format_eps, load_yaml, parse_eps
 from robustnas.errors import UserError
 from robustnas.size import count_flops, count_params
 
@@ -98,7 +98,7 @@ def cpu_latency_ms(model: nn.Module, in_shape: Sequence[int], repeats: int = 20,
 
 
 # ------------------------------------------------------------------------------------------ the runner
-class _Runner:
+class AttackRunner:
     """Runs attacks on fixed images and keeps, per attack, which images stayed robust."""
 
     def __init__(self, model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: str, batch_size: int,
@@ -201,7 +201,7 @@ def _zero_gradient_fraction(model: nn.Module, x: Tensor, y: Tensor, batch_size: 
     return zero / max(len(x), 1)
 
 
-def sanity_checks(model: nn.Module, runner: _Runner, masks: dict[str, Tensor], asked: Sequence[str],
+def sanity_checks(model: nn.Module, runner: AttackRunner, masks: dict[str, Tensor], asked: Sequence[str],
                   aa_flags: list[str], sanity_n: int) -> list[Check]:
     """The checklist. `masks` holds the per-image results at eps of every attack run so far (fgsm, pgd20
     and pgd100 among them; pgd100 possibly on the first `sanity_n` images only)."""
@@ -366,7 +366,7 @@ def evaluate_model(
     bar = Progress(TextColumn("[bold]{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), disable=not progress)
     with bar:
-        runner = _Runner(model, x, y, eps, norm, batch_size, seed, bar, transfer_from, log,
+        runner = AttackRunner(model, x, y, eps, norm, batch_size, seed, bar, transfer_from, log,
                          {k.lower(): dict(v) for k, v in (attack_options or {}).items()})
         masks: dict[str, Tensor] = {}
         for name in names:
@@ -454,18 +454,10 @@ def evaluate_model(
 
 # ------------------------------------------------------------------------------------------ a run directory
 def _run_config(run_dir: Path) -> dict:
-    import yaml
-
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise UserError(f"{run_dir} has no config.yaml, so its dataset is unknown: is it a run directory?")
-    try:
-        cfg = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}")
-    if not isinstance(cfg, dict):
-        raise UserError(f"{path} must hold a mapping at the top level")
-    return cfg
+    return load_yaml(path)
 
 
 def _load(run_dir: Path, device: str) -> tuple[nn.Module, dict]:

@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 
 from robustnas.analysis import hrs
-from robustnas.config import (ArchConfig, Base, DataConfig, ParamCount, TrainCommand, TrainConfig, format_eps,
+from robustnas.config import (ArchConfig, Base, Command, DataConfig, ParamCount, TrainCommand, TrainConfig, format_eps,
                               parse_eps, to_yaml)
 from robustnas.data import Dataset, Split
 from robustnas.ensemble import INITS, LogitEnsemble, feature_ensemble
@@ -45,13 +45,11 @@ class EnsembleConfig(Base):
     random: list[int] = [3]              # averaged-logit ensembles of the first k random genotypes
 
 
-class StudyCommand(Base):
+class StudyCommand(Command):
     """`robustnas study`. Defaults are the CPU-sized Fashion-MNIST study of configs/study.yaml."""
 
     name: str = "study"
     seed: int = Field(default=0, ge=0)
-    device: str = "auto"
-    out: Optional[str] = None
     data: DataConfig = DataConfig(dataset="fashion-mnist", fallback="digits", subset=3000)
     params: ParamCount = "25k"           # parameter budget of every single architecture
     layers: int = Field(default=3, ge=1)  # cells of the genotype networks
@@ -160,15 +158,15 @@ def attack_table(model: nn.Module, x: Tensor, y: Tensor, attacks: list[str], eps
                  progress: bool = False) -> dict:
     """Clean accuracy and, per eps and attack, robust accuracy (right on the clean and the attacked image),
     the per-image worst case over the attacks, and HRS against it; evaluate.py's runner does the attacking."""
-    from robustnas.evaluate import _Runner
+    from robustnas.evaluate import AttackRunner
 
     bar = Progress(TextColumn("[bold]{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), disable=not progress, transient=True)
     robust: dict[str, dict[str, float]] = {}
     worst: dict[str, float] = {}
     with bar:
-        runner = _Runner(model, x, y, max(eps), norm, batch_size, seed, bar, None, [],
-                         {k.lower(): dict(v) for k, v in (options or {}).items()})
+        runner = AttackRunner(model, x, y, max(eps), norm, batch_size, seed, bar, None, [],
+                              {k.lower(): dict(v) for k, v in (options or {}).items()})
         for e in eps:
             masks = {a: runner.run(a, eps=e) for a in attacks}  # label = name: the options apply at every eps
             robust[format_eps(e)] = {a: m.float().mean().item() for a, m in masks.items()}
