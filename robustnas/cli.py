@@ -83,6 +83,13 @@ def train(
                   f"(n={m['n']}, params {m['params']})")
 
 
+# where candidates are evaluated (TAM-NAS, random search, the study): robustnas/executor.py
+WORKERS = typer.Option(None, help="evaluate candidates on N local worker processes (with --ray: N Ray tasks "
+                                  "at once)")
+RAY = typer.Option(False, "--ray", help="evaluate candidates as Ray tasks (pip install robustnas[ray])")
+RAY_ADDRESS = typer.Option(None, help="a Ray cluster to use, e.g. auto or ray://host:10001 (implies --ray)")
+
+
 def _csv(text: Optional[str]) -> Optional[list[str]]:
     return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
 
@@ -136,6 +143,9 @@ def search(
     max_params: Optional[str] = typer.Option(None, help="lrnas, tamnas: parameter ceiling of the final network, "
                                                         "e.g. 100k or 2M"),
     metric: Optional[str] = typer.Option(None, help="dsrna: jacobian | cb | combined"),
+    workers: Optional[int] = WORKERS,
+    ray: bool = RAY,
+    ray_address: Optional[str] = RAY_ADDRESS,
     seed: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None),
     out: Optional[str] = typer.Option(None),
@@ -144,11 +154,14 @@ def search(
     progress: bool = typer.Option(True),
 ) -> None:
     """Search an architecture; write search.jsonl and genotype.json."""
+    from robustnas.executor import executor_flags
     from robustnas.pipeline import search_run
 
     base = _run(load_yaml, config) if config else {}
     base = {k: v for k, v in base.items() if k in SearchCommand.model_fields}
-    flags = {"method": method, "seed": seed, "device": device, "out": out, "search": {"epochs": epochs, "max_params": max_params, "metric": metric},
+    flags = {"method": method, "seed": seed, "device": device, "out": out,
+             "search": {"epochs": epochs, "max_params": max_params, "metric": metric,
+                        **executor_flags(workers, ray, ray_address)},
              "data": {"dataset": dataset, "data_dir": data_dir, "subset": subset}, "attack": {"eps": eps}}
     cmd = _run(validate, SearchCommand, deep_update(base, flags))
     result, out_dir = _run(search_run, cmd, resume=resume, progress=progress)
@@ -160,17 +173,22 @@ def run(
     config: str = typer.Option(..., help="YAML: data, method, search, final, train, evaluate, baseline"),
     out: Optional[str] = typer.Option(None),
     max_params: Optional[str] = typer.Option(None, help="lrnas, tamnas: parameter ceiling of the final network"),
+    workers: Optional[int] = WORKERS,
+    ray: bool = RAY,
+    ray_address: Optional[str] = RAY_ADDRESS,
     seed: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None),
     resume: bool = typer.Option(False),
     progress: bool = typer.Option(True),
 ) -> None:
     """The main job: search -> train the derived network -> evaluate -> report, beside a hand-crafted baseline."""
+    from robustnas.executor import executor_flags
     from robustnas.pipeline import run_pipeline
 
     base = _run(load_yaml, config)
+    search = {"max_params": max_params, **executor_flags(workers, ray, ray_address)}
     cmd = _run(validate, RunCommand, deep_update(base, {"out": out, "seed": seed, "device": device,
-                                                        "search": {"max_params": max_params}}))
+                                                        "search": search}))
     m = _run(run_pipeline, cmd, resume=resume, progress=progress)
     _print_metrics(f"{m['run_dir']} (searched)", m)
     if m.get("baseline"):
@@ -186,7 +204,9 @@ def study(
     random: Optional[int] = typer.Option(None, help="random genotypes drawn from the DARTS space"),
     epochs: Optional[int] = typer.Option(None),
     n: Optional[int] = typer.Option(None, help="test images attacked"),
-    executor: Optional[str] = typer.Option(None, help="where the jobs run, e.g. inprocess"),
+    workers: Optional[int] = WORKERS,
+    ray: bool = RAY,
+    ray_address: Optional[str] = RAY_ADDRESS,
     seed: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None),
     out: Optional[str] = typer.Option(None),
@@ -194,12 +214,13 @@ def study(
     progress: bool = typer.Option(True),
 ) -> None:
     """Architecture study without adversarial training: random, published and hand-crafted nets and ensembles."""
+    from robustnas.executor import executor_flags
     from robustnas.study import StudyCommand, run_study
     from robustnas.study_report import summary_table
 
     base = _run(load_yaml, config) if config else {}
-    flags = {"params": params, "random": random, "n": n, "executor": executor, "seed": seed, "device": device,
-             "out": out, "data": {"dataset": dataset}, "train": {"epochs": epochs}}
+    flags = {"params": params, "random": random, "n": n, "seed": seed, "device": device, "out": out,
+             "data": {"dataset": dataset}, "train": {"epochs": epochs}, **executor_flags(workers, ray, ray_address)}
     cmd = _run(validate, StudyCommand, deep_update(base, flags))
     s = _run(run_study, cmd, resume=resume, progress=progress)
     console.print(summary_table(s))

@@ -63,6 +63,10 @@ class Split:
     def __len__(self) -> int:
         return len(self.y)
 
+    def head(self, k: int) -> "Split":
+        """The first k images: a run that uses only some ships only those to its workers."""
+        return Split(self.x[:k], self.y[:k])
+
 
 @dataclass
 class Dataset:

@@ -37,8 +37,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence, TypeVar
 from typing import runtime_checkable
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 
+from robustnas.config import Base
 from robustnas.errors import UserError
 
 if TYPE_CHECKING:
@@ -79,6 +80,13 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         return os.cpu_count() or 1
+
+
+def _check_counts(name: str, workers: Optional[int] = None, threads: int = 1, max_retries: int = 0) -> None:
+    if (workers is not None and (not isinstance(workers, int) or workers < 1)) or not isinstance(threads, int) \
+            or threads < 1 or not isinstance(max_retries, int) or max_retries < 0:
+        raise UserError(f"{name} executor: workers ({workers}) and threads ({threads}) must be at least 1 "
+                        f"and max_retries ({max_retries}) at least 0")
 
 
 class InProcessExecutor(_Closing):
@@ -143,11 +151,9 @@ class PoolExecutor(_Closing):
 
     def __init__(self, workers: Optional[int] = None, threads: int = 1, max_retries: int = 2,
                  start_method: str = "spawn"):
+        _check_counts("pool", workers, threads, max_retries)
         cores = available_cores()
         workers = cores if workers is None else workers
-        if workers < 1 or threads < 1 or max_retries < 0:
-            raise UserError(f"pool executor: workers ({workers}) and threads ({threads}) must be at least 1 "
-                            f"and max_retries ({max_retries}) at least 0")
         if start_method not in ("spawn", "forkserver"):
             raise UserError(f"pool executor: start_method must be spawn or forkserver, not {start_method!r} "
                             "(fork is unsafe once torch has started threads)")
@@ -259,9 +265,7 @@ class RayExecutor(_Closing):
             import ray
         except ImportError:
             raise UserError("the ray executor needs Ray, which is not installed: pip install robustnas[ray]") from None
-        if (workers is not None and workers < 1) or threads < 1 or max_retries < 0:
-            raise UserError(f"ray executor: workers ({workers}) and threads ({threads}) must be at least 1 "
-                            f"and max_retries ({max_retries}) at least 0")
+        _check_counts("ray", workers, threads, max_retries)
         self._ray, self.threads, self._owner = ray, threads, False
         if not ray.is_initialized():
             options: dict[str, Any] = {"address": address, "include_dashboard": False, "logging_level": "WARNING"}
@@ -384,6 +388,9 @@ def check_executor(name: str, **options: Any) -> dict[str, Any]:
     if wrong:
         raise UserError(f"executor {name!r} takes no option {wrong[0]!r}; it takes: "
                         f"{', '.join(accepted) or 'none'}")
+    counts = {k: options[k] for k in ("workers", "threads", "max_retries") if k in options}
+    if counts:
+        _check_counts(name, **counts)
     if name == "ray" and importlib.util.find_spec("ray") is None:
         raise UserError("the ray executor needs Ray, which is not installed: pip install robustnas[ray]")
     return options
@@ -393,6 +400,39 @@ def make_executor(name: str = "inprocess", **options: Any) -> Executor:
     """The executor called `name` (see EXECUTORS), built with backend `options` (see check_executor)."""
     options = check_executor(name, **options)
     return EXECUTORS[name](**options)
+
+
+class ExecutorSettings(Base):
+    """The settings of every config that evaluates candidates through an executor (TAM-NAS, random
+    search, the study), checked when the config is read, before any training."""
+
+    executor: ExecutorName = "inprocess"   # inprocess | pool | ray
+    executor_options: dict[str, Any] = Field(default={}, validate_default=True)  # e.g. {workers: 2}, {address: auto}
+
+    @field_validator("executor_options")
+    @classmethod
+    def _check_options(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if "executor" in info.data:  # else the name itself was refused
+            try:
+                check_executor(info.data["executor"], **v)
+            except UserError as e:
+                raise ValueError(str(e)) from None
+        return v
+
+    def make_executor(self) -> Executor:
+        return make_executor(self.executor, **self.executor_options)
+
+
+def executor_flags(workers: Optional[int] = None, ray: bool = False, ray_address: Optional[str] = None) -> dict:
+    """The settings the command line's --workers N / --ray / --ray-address ADDR stand for: a pool of N
+    local processes, or Ray (local, or the cluster at ADDR) running N tasks at once. {} when none is given,
+    so a config file's own settings stay."""
+    if ray or ray_address:
+        options = {k: v for k, v in {"workers": workers, "address": ray_address}.items() if v is not None}
+        return {"executor": "ray", "executor_options": options}
+    if workers is not None:
+        return {"executor": "pool", "executor_options": {"workers": workers}}
+    return {}
 
 
 # ------------------------------------------------------------------------------------------ cached map

@@ -27,10 +27,10 @@ from torch import Tensor, nn
 from robustnas.analysis import hrs
 from robustnas.config import (ArchConfig, Base, Command, DataConfig, ParamCount, TrainCommand, TrainConfig, format_eps,
                               parse_eps, to_yaml)
-from robustnas.data import Dataset, Split
+from robustnas.data import Dataset
 from robustnas.ensemble import INITS, LogitEnsemble, feature_ensemble
 from robustnas.errors import UserError
-from robustnas.executor import ExecutorName
+from robustnas.executor import ExecutorSettings
 from robustnas.rundir import atomic_write_text, read_json, save_model, write_json
 from robustnas.size import count_params, parse_count
 
@@ -45,7 +45,7 @@ class EnsembleConfig(Base):
     random: list[int] = [3]              # averaged-logit ensembles of the first k random genotypes
 
 
-class StudyCommand(Command):
+class StudyCommand(ExecutorSettings, Command):
     """`robustnas study`. Defaults are the CPU-sized Fashion-MNIST study of configs/study.yaml."""
 
     name: str = "study"
@@ -64,8 +64,7 @@ class StudyCommand(Command):
     batch_size: int = Field(default=256, ge=1)
     attack_options: dict[str, dict[str, Any]] = {"apgd-ce": {"n_iter": 50}, "square": {"n_queries": 500}}
     ensembles: EnsembleConfig = EnsembleConfig()
-    executor: ExecutorName = "inprocess"
-    executor_options: dict[str, Any] = {}  # e.g. {workers: 2} for the pool (robustnas/executor.py)
+    # executor, executor_options: where the jobs run (ExecutorSettings, robustnas/executor.py)
 
     @field_validator("eps", mode="before")
     @classmethod
@@ -91,7 +90,6 @@ def check_study(cmd: StudyCommand) -> None:
     """Every setting the jobs rely on, checked before anything is written or trained."""
     from robustnas.arch import is_genotype_arch
     from robustnas.attacks import get_attack
-    from robustnas.executor import check_executor
     from robustnas.models import list_models
 
     for a in cmd.attacks:
@@ -121,7 +119,6 @@ def check_study(cmd: StudyCommand) -> None:
         if not 2 <= k <= cmd.random:
             raise UserError(f"ensembles.random: an ensemble of {k} random genotypes needs 2 <= k <= random "
                             f"({cmd.random})")
-    check_executor(cmd.executor, **cmd.executor_options)
 
 
 def plan_jobs(cmd: StudyCommand, genotype_paths: list[Path]) -> list[dict]:
@@ -261,7 +258,6 @@ def run_study(cmd: StudyCommand, resume: bool = False, progress: bool = True) ->
     """Draw, train and attack every architecture and ensemble of `cmd`; write the study directory
     (config.yaml, genotypes/, models/<name>/, study.json, table.csv, report.md, plots/); return study.json."""
     from robustnas.arch import build_arch
-    from robustnas.executor import make_executor
     from robustnas.genotypes import save_genotype
     from robustnas.pipeline import check_new_run_dir, load_data
     from robustnas.search.random import sample_genotypes
@@ -289,9 +285,8 @@ def run_study(cmd: StudyCommand, resume: bool = False, progress: bool = True) ->
         save_genotype(g, path)
     jobs = plan_jobs(cmd, paths)
 
-    used = Dataset(meta=data.meta, train=data.train, val=_head(data.val, cmd.train.val_n),
-                   test=_head(data.test, cmd.n))
-    executor = make_executor(cmd.executor, **cmd.executor_options)
+    used = Dataset(meta=data.meta, train=data.train, val=data.val.head(cmd.train.val_n), test=data.test.head(cmd.n))
+    executor = cmd.make_executor()
     worker = StudyWorker(cmd, used, out, str(device), resume, progress and executor.name == "inprocess")
     try:
         results = executor.map(worker, [j for j in jobs if j["kind"] != "logit"])
@@ -303,10 +298,6 @@ def run_study(cmd: StudyCommand, resume: bool = False, progress: bool = True) ->
     write_study_report(out, study)
     study["run_dir"] = str(out)
     return study
-
-
-def _head(split: Split, k: int) -> Split:
-    return Split(split.x[:k], split.y[:k])
 
 
 def _mean(values: list[float]) -> Optional[float]:

@@ -9,13 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from robustnas.data import load_dataset
 from robustnas.errors import UserError
-from robustnas.executor import EXECUTORS, WorkerLost, make_executor, map_cached
+from robustnas.executor import EXECUTORS, WorkerLost, executor_flags, make_executor, map_cached
 from robustnas.search import SearchContext, build_strategy
+from robustnas.search.random import RandomConfig
+from robustnas.search.tamnas import TamNasConfig
 from robustnas.store import Archive, candidate_key
+from robustnas.study import StudyCommand
 
 ITEMS = [5, 0, 3, 1, 4, 2]
 
@@ -184,8 +188,23 @@ def test_bad_settings_are_user_errors(monkeypatch):
 
 
 def test_tamnas_accepts_pool_and_ray_settings():
-    s = build_strategy("tamnas", {"executor": "pool", "workers": 2})
-    assert (s.cfg.executor, s.cfg.workers) == ("pool", 2)
+    s = build_strategy("tamnas", {"executor": "pool", "executor_options": {"workers": 2}})
+    assert (s.cfg.executor, s.cfg.executor_options) == ("pool", {"workers": 2})
+
+
+def test_command_line_flags_name_the_executor():
+    assert executor_flags() == {}
+    assert executor_flags(workers=3) == {"executor": "pool", "executor_options": {"workers": 3}}
+    assert executor_flags(ray=True) == {"executor": "ray", "executor_options": {}}
+    assert executor_flags(workers=2, ray_address="auto") == {"executor": "ray",
+                                                             "executor_options": {"workers": 2, "address": "auto"}}
+    for config in (TamNasConfig, RandomConfig, StudyCommand):  # every config with an executor takes them
+        cfg = config.model_validate(executor_flags(workers=2))
+        assert (cfg.executor, cfg.executor_options) == ("pool", {"workers": 2})
+        with pytest.raises(ValidationError, match="workers"):
+            config.model_validate(executor_flags(workers=0))
+    with pytest.raises(UserError, match="do not apply; they do to random, tamnas"):
+        build_strategy("darts", executor_flags(workers=2))
 
 
 # --------------------------------------------------------------------------- Ray (local mode)

@@ -280,8 +280,8 @@ def test_supernet_training_options(digits):
 @pytest.mark.parametrize("settings, field", [
     ({"max_params": "lots"}, "max_params"),
     ({"executor": "dask"}, "executor"),
-    ({"executor": "inprocess", "workers": 2}, "workers"),
-    ({"executor": "pool", "workers": 0}, "workers"),
+    ({"executor": "inprocess", "executor_options": {"workers": 2}}, "workers"),
+    ({"executor": "pool", "executor_options": {"workers": 0}}, "workers"),
     ({"adv": "trades"}, "adv"),
     ({"width_mult": 0}, "width_mult"),
 ])

@@ -101,7 +101,12 @@ def get_strategy(name: str) -> type:
 def build_strategy(name: str, settings: Optional[dict] = None) -> Strategy:
     """The strategy `name` with its Config validated from `settings` (a one-line UserError when bad)."""
     cls = get_strategy(name)
-    cfg = validate(cls.Config, dict(settings or {}))
+    settings = dict(settings or {})
+    if "executor" in settings and "executor" not in cls.Config.model_fields:
+        takes = sorted(n for n, c in STRATEGIES.items() if "executor" in c.Config.model_fields)
+        raise UserError(f"method {name} evaluates no candidates through an executor, so executor settings "
+                        f"(--workers, --ray) do not apply; they do to {', '.join(takes)}")
+    cfg = validate(cls.Config, settings)
     return cls(cfg)
 
 

@@ -27,10 +27,10 @@ from pydantic import Field, field_validator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from robustnas.analysis import hrs
-from robustnas.config import Base, ParamCount, TrainConfig
-from robustnas.data import Dataset, DatasetMeta, Split
+from robustnas.config import ParamCount, TrainConfig
+from robustnas.data import Dataset, DatasetMeta
 from robustnas.errors import UserError
-from robustnas.executor import ExecutorName, make_executor
+from robustnas.executor import ExecutorSettings
 from robustnas.rundir import atomic_write_text
 from robustnas.search.base import SearchContext, SearchResult, register
 from robustnas.size import count_params, parse_count
@@ -72,7 +72,7 @@ def sample_genotypes(n: int, rng: np.random.Generator | int, meta: DatasetMeta, 
     return out, rejected
 
 
-class RandomConfig(Base):
+class RandomConfig(ExecutorSettings):
     """Settings of random search. Defaults are CPU-sized."""
 
     n: int = Field(default=8, ge=1)                # genotypes drawn
@@ -85,8 +85,7 @@ class RandomConfig(Base):
     train_n: int = Field(default=1000, ge=1)       # training images of the proxy
     train: TrainConfig = TrainConfig(epochs=1, batch_size=64, adv="fgsm-rs", val_n=200, val_steps=10,
                                      select="last")
-    executor: ExecutorName = "inprocess"
-    executor_options: dict[str, Any] = {}          # e.g. {workers: 2} for the pool (robustnas/executor.py)
+    # executor, executor_options: where candidates are scored (ExecutorSettings, robustnas/executor.py)
     chunk: int = Field(default=4, ge=1)            # candidates per executor call (and per search.jsonl write)
 
     @field_validator("C")
@@ -127,11 +126,7 @@ class ProxyScorer:
 
 def _proxy_data(data: Dataset, train_n: int, val_n: int) -> Dataset:
     """Only the images the proxy uses, so that shipping the scorer to a worker stays cheap."""
-    def head(s: Split, k: int) -> Split:
-        return Split(s.x[:k], s.y[:k])
-
-    return Dataset(meta=data.meta, train=head(data.train, train_n), val=head(data.val, val_n),
-                   test=head(data.test, 0))
+    return Dataset(meta=data.meta, train=data.train.head(train_n), val=data.val.head(val_n), test=data.test.head(0))
 
 
 @register
@@ -185,7 +180,7 @@ class RandomSearch:
                              str(ctx.device))
         bar = Progress(TextColumn("[bold]search random"), BarColumn(), MofNCompleteColumn(),
                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), disable=not ctx.progress)
-        executor = make_executor(cfg.executor, **cfg.executor_options)
+        executor = cfg.make_executor()
         try:
             with bar:
                 task = bar.add_task("random", total=len(items), completed=len(records), info="")

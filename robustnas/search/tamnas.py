@@ -35,7 +35,7 @@ from typing import Any, Callable, ClassVar, Literal, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 from pymoo.algorithms.moo.nsga2 import NSGA2
 from pymoo.core.crossover import Crossover
 from pymoo.core.evaluator import Evaluator
@@ -51,10 +51,10 @@ from torch import Tensor, nn
 
 from robustnas import analysis
 from robustnas.attacks import accuracy, fgsm_rs, pgd, robust_accuracy
-from robustnas.config import Base, EpsText, ParamCount, TrainConfig, parse_eps
+from robustnas.config import EpsText, ParamCount, TrainConfig, parse_eps
 from robustnas.data import Dataset
 from robustnas.errors import UserError
-from robustnas.executor import Executor, ExecutorName, check_executor, make_executor
+from robustnas.executor import Executor, ExecutorSettings
 from robustnas.rundir import atomic_write_text, save_model, write_json
 from robustnas.search.base import SearchContext, SearchResult, checkpoint_meta, register
 from robustnas.size import count_params, parse_count
@@ -66,7 +66,7 @@ CHECKPOINT = "search_checkpoint"  # .safetensors (supernet, optimizer) + .json (
 OBJECTIVES = ("clean_err", "pgd_err", "size")  # size = params / params of the space's largest subnet
 
 
-class TamNasConfig(Base):
+class TamNasConfig(ExecutorSettings):
     """Settings of TAM-NAS. Defaults are CPU-sized for Fashion-MNIST."""
 
     # --- space
@@ -99,21 +99,11 @@ class TamNasConfig(Base):
     mutation_rate: Optional[float] = Field(default=None, gt=0, le=1)  # per gene; None: 1 / number of layers
     max_params: ParamCount = None                   # parameter ceiling (constraint), e.g. "200k"
     hv_ref: tuple[float, float, float] = (1.0, 1.0, 1.0)  # in (clean_err, pgd_err, size)
-    executor: ExecutorName = "inprocess"            # inprocess | pool | ray (robustnas/executor.py)
-    workers: Optional[int] = Field(default=None, ge=1)  # pool / ray: processes (None: one per core)
-    address: Optional[str] = None                   # ray: a cluster's address (None: a local Ray)
+    # executor, executor_options: where subnets are scored (ExecutorSettings, robustnas/executor.py)
     # --- post-search training of Pareto subnets (the Trainer's settings in final_train)
     final: Literal["none", "scratch", "finetune"] = "none"
     final_n: int = Field(default=3, ge=1)
     final_train: TrainConfig = TrainConfig(epochs=10, batch_size=64)
-
-    @model_validator(mode="after")
-    def _check_executor_options(self) -> "TamNasConfig":
-        try:
-            check_executor(self.executor, workers=self.workers, address=self.address)
-        except UserError as e:
-            raise ValueError(str(e)) from None
-        return self
 
 
 # ================================================================================================ scoring
@@ -475,7 +465,7 @@ class TamNas:
                 if ctx.on_epoch_end is not None:
                     ctx.on_epoch_end(record)
 
-            executor = make_executor(cfg.executor, workers=cfg.workers, address=cfg.address)
+            executor = cfg.make_executor()
             try:
                 scores, _ = run_nsga2(self.space, self.scorer(), executor, pop_size=cfg.pop_size,
                                       generations=cfg.generations, seed=ctx.seed, params_scale=self.params_scale,
@@ -595,7 +585,7 @@ class TamNas:
     def _identity(self) -> dict[str, Any]:
         """What must match for a checkpoint to be resumed (the post-search settings may change)."""
         cfg = self.cfg.model_dump(mode="json", exclude={"final", "final_n", "final_train", "executor",
-                                                     "workers", "address"})
+                                                     "executor_options"})
         return {"method": self.name, "config": cfg, "seed": self.ctx.seed, "eps": self.eps, "norm": self.norm,
                 "dataset": self.ctx.data.meta.name, "train_size": len(self.ctx.data.train),
                 "val_size": len(self.ctx.data.val)}
