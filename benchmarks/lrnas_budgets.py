@@ -18,14 +18,11 @@ from pathlib import Path
 
 
 def main() -> None:
-    from robustnas.arch import build_arch
     from robustnas.compare import compare_runs
     from robustnas.config import BenchmarkCommand, RunCommand, load_yaml, validate
-    from robustnas.evaluate import evaluate_run
     from robustnas.genotypes import save_genotype
-    from robustnas.pipeline import archive_evaluation, baseline_run, load_data, resolved, train_into
-    from robustnas.config import to_yaml
-    from robustnas.rundir import atomic_write_text, read_json
+    from robustnas.pipeline import load_data, resolved, train_evaluate
+    from robustnas.rundir import read_json
     from robustnas.search.lrnas import select_under_budget
     from robustnas.size import parse_count
     from robustnas.training import resolve_device
@@ -55,28 +52,21 @@ def main() -> None:
     device = resolve_device(cmd.device)
     rc = resolved(RunCommand(name="lrnas-budgets", seed=cmd.seed, device=cmd.device, data=cmd.data, train=cmd.train,
                              evaluate=cmd.evaluate), data)
-    ev = cmd.evaluate
     dirs, labels = [], []
     for budget in args.budgets.split(","):
         same = parse_count(budget) == parse_count(cmd.budget)
         d = lr if same else out / f"lrnas-{budget}"
         if not (d / "metrics.json").is_file() or "reliable" not in read_json(d / "metrics.json"):
             sel = select_under_budget(alphas, data.meta, budget, C, layers, after, reductions)
-            d.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(d / "config.yaml", to_yaml(rc))  # evaluate_run reads the dataset from it
             save_genotype(sel.genotype, d / "genotype.json")
-            model, spec = build_arch(str(d / "genotype.json"), data.meta, C=C, layers=layers, **net_kw)
-            train_into(d, model, spec, data, rc.train, seed=cmd.seed, device=device, resume=True,
-                       test_n=0)
-            metrics = evaluate_run(d, attacks=ev.attacks, n=ev.n, batch_size=ev.batch_size, certify=ev.certify,
-                                   device=str(device), seed=cmd.seed)
-            archive_evaluation("train", d, metrics, {**rc.model_dump(mode="json"), "lrnas_budget": budget},
-                               method="lrnas")
+            train_evaluate(d, str(d / "genotype.json"), data, rc, device, resume=True, method="lrnas",
+                           record={"lrnas_budget": budget}, C=C, layers=layers, **net_kw)
         dirs.append(d)
         labels.append(f"lrnas {budget}")
         b = bench / f"baseline-{args.baseline}" if same else out / f"{args.baseline}-{budget}"
         if not (b / "metrics.json").is_file() or "reliable" not in read_json(b / "metrics.json"):
-            baseline_run(b, args.baseline, parse_count(budget), data, rc, device, resume=b.exists(), at_most=True)
+            train_evaluate(b, args.baseline, data, rc, device, resume=b.exists(), params=parse_count(budget),
+                           at_most=True)
         dirs.append(b)
         labels.append(f"{args.baseline} {budget}")
     result = compare_runs(dirs, out, labels, title=f"LRNAS at {args.budgets} final parameters vs {args.baseline}")

@@ -11,9 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import yaml
-
 from robustnas.analysis import hrs, op_by_position, pareto_front
+from robustnas.config import load_yaml
 from robustnas.errors import UserError
 from robustnas.rundir import atomic_write_text, read_json, write_json
 
@@ -35,9 +34,7 @@ def load_entry(run_dir: str | Path, label: Optional[str] = None) -> dict[str, An
     if not (run / "metrics.json").is_file():
         raise UserError(f"{run} has no metrics.json: run `robustnas evaluate {run}` (or finish the run) first")
     m = read_json(run / "metrics.json")
-    cfg = {}
-    if (run / "config.yaml").is_file():
-        cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    cfg = load_yaml(run / "config.yaml") if (run / "config.yaml").is_file() else {}
     method = cfg.get("method") if (run / "genotype.json").is_file() else None
     arch = (cfg.get("model") or {}).get("arch") or (cfg.get("baseline") or {}).get("arch")
     kind = method or arch or "model"

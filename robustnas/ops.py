@@ -98,13 +98,13 @@ OPS: dict[str, OpFactory] = {
 }
 
 
-
 def has_parameters(op: str, stride: int = 1) -> bool:
     """Whether `op` carries weights at this stride: pools, `none` and a stride-1 skip do not; a stride-2
     skip does (FactorizedReduce)."""
     from robustnas.size import count_params
 
     return count_params(OPS[op](2, stride, True)) > 0
+
 
 def drop_path(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
     """Zero whole samples of a branch with probability drop_prob, rescaling the rest (DARTS training)."""

@@ -162,23 +162,26 @@ def archive_evaluation(kind: str, out: Path, metrics: dict, config: dict, method
         Console(stderr=True).print(f"[yellow]warning:[/] results archive not written: {e}", highlight=False)
 
 
-def baseline_run(out: Path, arch: str, params: int, data: Dataset, cmd, device: torch.device,
-                 resume: bool = False, progress: bool = True, at_most: bool = False) -> dict:
-    """Train and evaluate a hand-crafted model at `params` (nearest, or `at_most`) with `cmd`'s recipe
-    and attacks into `out`."""
+def train_evaluate(out: Path, arch: str, data: Dataset, cmd, device: torch.device, resume: bool = False,
+                   progress: bool = True, method: Optional[str] = None, record: Optional[dict] = None,
+                   **size) -> dict:
+    """Build `arch` (build_arch's `size` keywords: params / at_most, or C / layers / reduction_layers),
+    train it with `cmd`'s recipe and evaluate it with `cmd`'s attacks into `out`, and archive it (with
+    `record` added to its config): a run's hand-crafted baseline, or a network trained beside a search."""
     from robustnas.evaluate import evaluate_run
 
     check_new_run_dir(out, resume)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", to_yaml(cmd))
     torch.manual_seed(cmd.seed)
-    model, spec = build_arch(arch, data.meta, params=params, at_most=at_most)
+    model, spec = build_arch(arch, data.meta, **size)
     train_into(out, model, spec, data, cmd.train, seed=cmd.seed, device=device, resume=resume,
                progress=progress, test_n=0)  # evaluate_run measures the test set next
     ev = cmd.evaluate
     metrics = evaluate_run(out, attacks=ev.attacks, n=ev.n, batch_size=ev.batch_size, certify=ev.certify,
                            device=str(device), seed=cmd.seed, progress=progress)
-    archive_evaluation("train", out, metrics, {**cmd.model_dump(mode="json"), "arch": arch})
+    archive_evaluation("train", out, metrics, {**cmd.model_dump(mode="json"), "arch": arch, **(record or {})},
+                       method=method)
     return metrics
 
 
@@ -251,8 +254,8 @@ def run_pipeline(cmd: RunCommand, resume: bool = False, progress: bool = True) -
     # 4. the hand-crafted baseline at the same parameter count, same recipe and attacks
     baseline = None
     if cmd.baseline.arch is not None:
-        baseline = baseline_run(out / "baseline", cmd.baseline.arch, count_params(model), data, cmd, device,
-                                resume=resume, progress=progress)
+        baseline = train_evaluate(out / "baseline", cmd.baseline.arch, data, cmd, device, resume=resume,
+                                  progress=progress, params=count_params(model))
 
     from robustnas.report import write_search_run_report
 
@@ -272,11 +275,12 @@ def _finished(out: Path, key: str) -> bool:
 
 def benchmark_run(cmd: BenchmarkCommand, resume: bool = False, progress: bool = True) -> dict:
     """Every method in `cmd.methods` through `run_pipeline` and every hand-crafted baseline through
-    `baseline_run`, all at `cmd.budget` final parameters with one recipe, then one comparison report.
+    `train_evaluate`, all at `cmd.budget` final parameters with one recipe, then one comparison report.
 
     A DARTS-space method's final network gets the C that meets the budget; a method whose search fixes
     the final size (LRNAS, TAM-NAS) gets the budget as its own `max_params` instead. Finished members
-    (report.md written) are skipped, so an interrupted benchmark continues with --resume."""
+    (metrics.json written by their last step) are skipped, so an interrupted benchmark continues with
+    --resume."""
     from robustnas.compare import compare_runs
     from robustnas.evaluate import get_attack
     from robustnas.models import list_models
@@ -326,8 +330,8 @@ def benchmark_run(cmd: BenchmarkCommand, resume: bool = False, progress: bool = 
         for arch in cmd.baselines:
             bout = out / f"baseline-{arch}"
             if not _finished(bout, "reliable"):
-                baseline_run(bout, arch, budget, data, rc, device, resume=resume or bout.exists(), progress=progress,
-                             at_most=True)
+                train_evaluate(bout, arch, data, rc, device, resume=resume or bout.exists(), progress=progress,
+                               params=budget, at_most=True)
             dirs.append(bout)
             labels.append(f"{arch} (hand-crafted)")
     return compare_runs(dirs, out, labels, title=f"{cmd.name}: every method at {cmd.budget} parameters")
