@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -125,3 +126,31 @@ def test_tamnas_run_refuses_final_cell_settings(tmp_path):
     cfg = _write(tmp_path, _base(tmp_path, "tamnas", TAMNAS, {"C": 8}))
     result = CliRunner().invoke(app, ["run", "--config", str(cfg), "--no-progress"])
     assert result.exit_code == 2 and "final.C" in result.output
+
+
+# ----------------------------------------------------------------------------------------- epsilon and norm
+def test_an_l2_radius_above_one_trains_and_a_linf_one_is_refused(tmp_path):
+    """An L2 radius may exceed 1 (2.0 on MNIST-sized images); a Linf one may not; nonsense never passes."""
+    from robustnas.config import AttackConfig, RunCommand, parse_eps, validate
+    from robustnas.errors import UserError
+
+    cfg = tmp_path / "l2.yaml"
+    cfg.write_text(yaml.safe_dump({"train": {"attack": {"norm": "L2", "steps": 1}, "val_n": 32, "val_steps": 1},
+                                   "test_n": 20, "test_pgd_steps": 1}))
+    base = ["train", "--dataset", "digits", "--subset", "100", "--epochs", "1", "--eps", "2.0", "--no-progress"]
+    result = CliRunner().invoke(app, base + ["--config", str(cfg), "--out", str(tmp_path / "l2")])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "l2" / "metrics.json").read_text())
+    assert (metrics["eps"], metrics["norm"]) == ("2", "L2")
+    result = CliRunner().invoke(app, base + ["--out", str(tmp_path / "linf")])  # the default norm, Linf
+    assert result.exit_code == 2 and "out of range for norm Linf" in result.output
+    assert not (tmp_path / "linf").exists()
+
+    assert parse_eps("2.0", "L2") == 2.0 and parse_eps("8/255", "Linf") == 8 / 255
+    assert validate(RunCommand, {"train": {"attack": {"norm": "L2", "eps": "2.0", "step_size": "1.5"}}})
+    for norm in ("Linf", "L2"):
+        for bad in ("-0.1", "abc", "inf", "1/0"):
+            with pytest.raises(UserError, match="epsilon"):
+                validate(AttackConfig, {"norm": norm, "eps": bad})
+    with pytest.raises(UserError, match="step_size"):
+        validate(AttackConfig, {"norm": "Linf", "eps": "0.1", "step_size": "1.5"})

@@ -278,6 +278,14 @@ def test_supernet_training_options(digits):
     assert any(moved) and not all(moved)  # blocks no subnet of the step chose keep their weights
 
 
+def test_a_step_size_above_one_is_an_l2_setting(digits):
+    s = build_strategy("tamnas", {**TINY, "step_size": "1.5"})
+    s.setup(SearchContext(digits, eps=2.0, norm="L2", progress=False))
+    assert s.trainer.step_size == 1.5
+    with pytest.raises(UserError, match="norm Linf"):
+        s.setup(SearchContext(digits, eps=0.1, norm="Linf", progress=False))
+
+
 @pytest.mark.parametrize("settings, field", [
     ({"max_params": "lots"}, "max_params"),
     ({"executor": "dask"}, "executor"),

@@ -85,7 +85,7 @@ class SupernetTrainer:
                  device: torch.device | str = "cpu", progress: bool = False):
         self.net, self.cfg, self.data, self.space = net, cfg, data, net.space
         self.eps, self.norm, self.seed, self.device, self.progress = eps, norm, seed, torch.device(device), progress
-        self.step_size = parse_eps(cfg.step_size) if cfg.step_size else None
+        self.step_size = parse_eps(cfg.step_size, norm) if cfg.step_size else None
         decay, no_decay = [], []
         for p in net.parameters():
             (no_decay if p.dim() <= 1 else decay).append(p)
