@@ -41,7 +41,13 @@ def test_run_writes_the_run_directory_and_a_side_by_side_report(tmp_path):
     baseline = json.loads((run / "baseline" / "metrics.json").read_text())
     # the baseline is built at the searched network's parameter count (within the 10% budget tolerance)
     assert abs(baseline["params"] - searched["params"]) <= 0.1 * searched["params"]
-    assert searched["robust_acc"]["pgd20"] <= searched["robust_acc"]["fgsm"] <= searched["clean_acc"]
+    # what holds per image by construction (evaluate.py): an image counts as robust to an attack only when it
+    # is also right clean, and worst_case counts the images robust to every attack. Not asserted: PGD-20 <=
+    # FGSM. PGD-20 returns its last iterate from a random start, so it can miss an image FGSM breaks, and on
+    # 30 images that decides the order.
+    robust = searched["robust_acc"]
+    assert set(robust) == {"fgsm", "pgd20"} and searched["n"] == 30
+    assert 0 <= searched["worst_case_acc"] <= min(robust.values()) <= max(robust.values()) <= searched["clean_acc"]
     report = (run / "report.md").read_text()
     assert "hand-crafted (cnn)" in report and "Operations by cell position" in report
     for kind in ("accurate", "robust", "reduce"):
