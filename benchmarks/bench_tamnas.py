@@ -4,7 +4,7 @@ The subnet is the median-size one of a uniform sample of the space. Three figure
 training steps on the same batches, interleaved in rounds so that machine noise hits them alike (each is
 the median over rounds):
   subnet     the extracted standalone network, stepped by the one Trainer (`Trainer.train_step`)
-  supernet   the supernet with that same subnet active (`TamNas.train_step`): the price of weight sharing
+  supernet   the supernet with that same subnet active (`SupernetTrainer.train_step`): the price of weight sharing
   sampled    the supernet drawing a fresh uniform subnet every step, as the search trains it
 The ratio supernet / subnet of the time per step is the overhead of slicing the shared weights (1.0: none).
 """
@@ -78,10 +78,10 @@ def main() -> None:
         trainer.train_step(x, y, 0.01)
 
     def supernet_step(x, y):
-        strategy.train_step(x, y, [median], 0.01)
+        strategy.trainer.train_step(x, y, [median], 0.01)
 
     def sampled_step(x, y):
-        strategy.train_step(x, y, [space.sample(rng)], 0.01)
+        strategy.trainer.train_step(x, y, [space.sample(rng)], 0.01)
 
     runs = {"subnet": subnet_step, "supernet": supernet_step, "sampled": sampled_step}
     for step in runs.values():  # warm-up

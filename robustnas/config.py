@@ -14,8 +14,10 @@ from robustnas.errors import UserError
 
 
 # ----------------------------------------------------------------------------------------------- epsilon
-def parse_eps(value: str | float | int) -> float:
-    """Read an epsilon written as 0.1, "0.1" or "8/255" (pixel units, inputs in [0,1])."""
+def parse_eps(value: str | float | int, norm: Optional[str] = None) -> float:
+    """Read an epsilon written as 0.1, "0.1" or "8/255" (pixel units, inputs in [0,1]). It must be a finite
+    number >= 0; under `norm` "Linf" also at most 1 (a larger box is the whole pixel range). An L2 radius
+    may exceed 1 (e.g. 2.0 on MNIST), and without a norm no upper bound is checked."""
     if isinstance(value, (int, float)):
         eps = float(value)
     else:
@@ -25,8 +27,11 @@ def parse_eps(value: str | float | int) -> float:
             eps = float(m.group(1)) / float(m.group(2)) if m else float(text)
         except (ValueError, ZeroDivisionError):
             raise UserError(f"cannot read epsilon {value!r}: write it as a number like 0.1 or a fraction like 8/255")
-    if not math.isfinite(eps) or eps < 0 or eps > 1:
-        raise UserError(f"epsilon {value!r} is out of range: pixels are in [0,1], so eps must be in [0, 1]")
+    if not math.isfinite(eps) or eps < 0:
+        raise UserError(f"epsilon {value!r} is out of range: it must be a finite number >= 0")
+    if norm == "Linf" and eps > 1:
+        raise UserError(f"epsilon {value!r} is out of range for norm Linf: pixels are in [0,1], so eps must be "
+                        "in [0, 1] (an L2 radius may be larger: set norm L2)")
     return eps
 
 
@@ -68,7 +73,8 @@ def _check_eps_text(v: Any) -> Any:
     return str(v)
 
 
-# an epsilon or step size as written by the user ("0.1", "8/255"), checked and kept as text
+# an epsilon or step size as written by the user ("0.1", "8/255"), checked (finite, >= 0) and kept as text;
+# the bound that depends on the norm is checked where the norm is known (AttackConfig, the attacks' users)
 EpsText = Annotated[Optional[str], BeforeValidator(_check_eps_text)]
 
 class Base(BaseModel):
@@ -93,6 +99,17 @@ class AttackConfig(Base):
     norm: Literal["Linf", "L2"] = "Linf"
     steps: int = Field(default=10, ge=1)
     step_size: EpsText = None  # None: 2.5 * eps / steps
+
+    @model_validator(mode="after")
+    def _check_radii(self) -> "AttackConfig":
+        for name in ("eps", "step_size"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    parse_eps(value, self.norm)
+                except UserError as e:
+                    raise ValueError(f"{name}: {e}") from None
+        return self
 
 
 class TrainConfig(Base):

@@ -64,7 +64,7 @@ def eps_value(eps: float | str, norm: str = "Linf") -> float:
         if not math.isfinite(value) or value < 0:
             raise UserError(f"epsilon {eps!r} is out of range: an L2 radius must be a finite number >= 0")
         return value
-    return parse_eps(eps)
+    return parse_eps(eps, norm)
 
 
 @dataclass

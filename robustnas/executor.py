@@ -12,21 +12,18 @@ The contract every executor keeps, so that the backends are interchangeable:
 - an exception raised by `fn` propagates out of `map` (never retried); a worker process that dies
   mid-candidate (killed, out of memory, os._exit) is replaced and its candidate retried, up to
   `max_retries` times, then `WorkerLost` is raised;
-- `on_result(index, result)` is called in this process as each result arrives, which is how
-  `map_cached` records finished candidates in the results archive (robustnas/store.py) one by one.
+- `on_result(index, result)` is called in this process as each result arrives, once per item.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import inspect
-import json
 import multiprocessing
 import os
 import pickle
 import sys
 import tempfile
-import time
 import uuid
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, wait
@@ -34,16 +31,13 @@ from concurrent.futures import ProcessPoolExecutor as _Pool
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence, TypeVar
+from typing import Annotated, Any, Callable, Iterable, Iterator, Optional, Protocol, TypeVar
 from typing import runtime_checkable
 
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 
 from robustnas.config import Base
 from robustnas.errors import UserError
-
-if TYPE_CHECKING:
-    from robustnas.store import Archive
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -305,7 +299,7 @@ class RayExecutor(_Closing):
                     if on_result is not None:
                         on_result(index[ref], results[index[ref]])
             except BaseException:
-                # keep what already finished (map_cached records it), drop the rest
+                # report what already finished to on_result, drop the rest
                 finished, pending = ray.wait(pending, num_returns=len(pending), timeout=0) if pending else ([], [])
                 for ref in finished:
                     try:
@@ -433,51 +427,3 @@ def executor_flags(workers: Optional[int] = None, ray: bool = False, ray_address
     if workers is not None:
         return {"executor": "pool", "executor_options": {"workers": workers}}
     return {}
-
-
-# ------------------------------------------------------------------------------------------ cached map
-class _Timed:
-    """fn wrapped to return (result, seconds), so the archive records each candidate's cost."""
-
-    def __init__(self, fn: Callable):
-        self.fn = fn
-
-    def __call__(self, item: Any) -> tuple[Any, float]:
-        t0 = time.perf_counter()
-        return self.fn(item), time.perf_counter() - t0
-
-
-def map_cached(executor: Executor, fn: Callable[[T], R], items: Sequence[T], keys: Sequence[str],
-               archive: "Archive", describe: Optional[Callable[[T, Any], dict]] = None,
-               run_id: Optional[int] = None) -> list[Any]:
-    """`executor.map(fn, items)` where finished candidates are never redone: an item whose key is in
-    `archive` is not run, and each new result is written to the archive as soon as it arrives (a crash
-    after k candidates keeps those k). Results must be JSON data; every result comes back as JSON
-    decodes it, archived or fresh, so the output does not depend on what was cached. `describe(item,
-    result)` gives the archive fields of a candidate (name, space, genotype, dataset, eps, metrics,
-    params, ...); an item repeated under one key runs once."""
-    items, keys = list(items), [str(k) for k in keys]
-    if len(items) != len(keys):
-        raise ValueError(f"map_cached: {len(items)} items but {len(keys)} keys")
-    known = archive.results(keys)
-    todo: list[int] = []  # the first item of each key not yet archived
-    queued: set[str] = set()
-    for i, k in enumerate(keys):
-        if k not in known and k not in queued:
-            queued.add(k)
-            todo.append(i)
-
-    def record(j: int, timed: tuple[Any, float]) -> None:
-        i = todo[j]
-        result, seconds = timed
-        try:
-            text = json.dumps(result)
-        except (TypeError, ValueError) as e:
-            raise TypeError(f"map_cached needs JSON results; fn returned {type(result).__name__} ({e})") from None
-        fields = dict(describe(items[i], result)) if describe is not None else {}
-        fields.setdefault("cost_s", seconds)
-        archive.add_candidate(key=keys[i], result=result, run_id=run_id, **fields)
-        known[keys[i]] = json.loads(text)
-
-    executor.map(_Timed(fn), [items[i] for i in todo], on_result=record)
-    return [known[k] for k in keys]

@@ -1,7 +1,6 @@
 """The results archive: every run and every evaluated architecture in one SQLite file per workspace, so
-that results of different runs, methods and machines can be queried together, the Pareto front of
-everything tried can be read off, and a finished candidate is never evaluated twice
-(executor.map_cached looks its key up here).
+that results of different runs, methods and machines can be queried together and the Pareto front of
+everything tried can be read off. A candidate's key (`candidate_key`) is unique: it is recorded once.
 
 Several processes may write at once: the journal is WAL, a busy timeout makes a writer wait for the
 lock instead of failing, and every write is one `BEGIN IMMEDIATE` transaction, so a writer killed
@@ -160,17 +159,6 @@ class Archive:
                                None if run_dir is None else str(run_dir), _now(), status))
         return int(cur.lastrowid)
 
-    def set_run_status(self, run_id: int, status: str) -> None:
-        if status not in RUN_STATUSES:
-            raise ValueError(f"run status must be one of {RUN_STATUSES}")
-        with self._write() as con:
-            con.execute("UPDATE runs SET status = ? WHERE id = ?", (status, run_id))
-
-    def runs(self, kind: Optional[str] = None, method: Optional[str] = None) -> list[dict]:
-        where, args = _where({"kind = ?": kind, "method = ?": method})
-        rows = self._con.execute(f"SELECT * FROM runs {where} ORDER BY id", args).fetchall()
-        return [{**dict(r), "config": json.loads(r["config"])} for r in rows]
-
     # ------------------------------------------------------------------------------------------ candidates
     def add_candidate(self, *, run_id: Optional[int] = None, key: Optional[str] = None, name: Optional[str] = None,
                       space: Optional[str] = None, genotype: Any = None, dataset: Optional[str] = None,
@@ -222,17 +210,6 @@ class Archive:
                 d[f] = None if d[f] is None else json.loads(d[f])
             out.append(d)
         return out
-
-    def results(self, keys: Iterable[str]) -> dict[str, Any]:
-        """key -> stored result for the keys archived with a result (what map_cached need not redo)."""
-        keys = list(dict.fromkeys(keys))
-        found: dict[str, Any] = {}
-        for start in range(0, len(keys), 500):  # SQLite caps the number of bound parameters
-            chunk = keys[start:start + 500]
-            rows = self._con.execute(f"SELECT key, result FROM candidates WHERE result IS NOT NULL AND key IN "
-                                     f"({', '.join('?' * len(chunk))})", chunk).fetchall()
-            found.update((k, json.loads(v)) for k, v in rows)
-        return found
 
     def pareto(self, *, metric: str = "autoattack_acc", fallback: Sequence[str] = ("pgd20",),
                **filters: Any) -> list[dict]:

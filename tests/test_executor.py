@@ -1,6 +1,5 @@
 """Executors: the in-process, pool and Ray backends give the same results in the order of the items, a
-worker that dies mid-candidate is replaced and its candidate retried, fn's own exceptions propagate, and
-map_cached never redoes a candidate the archive holds."""
+worker that dies mid-candidate is replaced and its candidate retried, and fn's own exceptions propagate."""
 
 import os
 import subprocess
@@ -14,11 +13,10 @@ from torch import nn
 
 from robustnas.data import load_dataset
 from robustnas.errors import UserError
-from robustnas.executor import EXECUTORS, WorkerLost, executor_flags, make_executor, map_cached
+from robustnas.executor import EXECUTORS, WorkerLost, executor_flags, make_executor
 from robustnas.search import SearchContext, build_strategy
 from robustnas.search.random import RandomConfig
 from robustnas.search.tamnas import TamNasConfig
-from robustnas.store import Archive, candidate_key
 from robustnas.study import StudyCommand
 
 ITEMS = [5, 0, 3, 1, 4, 2]
@@ -69,19 +67,6 @@ class DieOnce:
                 seen.touch()
                 os._exit(13)
         return 10 * x
-
-
-class Counting:
-    """In-process only: counts its calls."""
-
-    def __init__(self, fail_at=None):
-        self.calls, self.fail_at = [], fail_at
-
-    def __call__(self, x: int) -> dict:
-        self.calls.append(x)
-        if x == self.fail_at:
-            raise RuntimeError(f"crash at {x}")
-        return {"x": x, "sq": x * x, "half": x / 2}
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -217,51 +202,3 @@ def test_ray_matches_inprocess_and_retries_a_dead_worker(ray_ex, tmp_path):
     with pytest.raises(ValueError, match="candidate 3 is bad"):
         ray_ex.map(fail_on_three, ITEMS)
     assert ray_ex.map(torch_threads, [0, 1]) == [1, 1]
-
-
-def test_map_cached_on_ray(ray_ex, tmp_path):
-    with Archive(tmp_path / "a.sqlite") as archive:
-        keys = [candidate_key("fit_tiny", s) for s in ITEMS]
-        first = map_cached(ray_ex, fit_tiny, ITEMS, keys, archive)
-        assert strip_pid(first) == strip_pid([fit_tiny(s) for s in ITEMS])
-        assert map_cached(ray_ex, fail_on_three, ITEMS, keys, archive) == first  # all archived: nothing reruns
-
-
-# --------------------------------------------------------------------------- map_cached
-def test_map_cached_runs_only_what_the_archive_lacks(tmp_path):
-    ex = make_executor("inprocess")
-    with Archive(tmp_path / "a.sqlite") as archive:
-        fn = Counting()
-        items = [3, 1, 4, 1, 5]  # 1 twice under one key: run once
-        keys = [candidate_key("sq", x) for x in items]
-        first = map_cached(ex, fn, items, keys, archive, describe=lambda x, r: {"name": f"c{x}", "params": x})
-        assert fn.calls == [3, 1, 4, 5]
-        assert first == [fn(x) for x in items]
-        fn.calls.clear()
-        more = [1, 5, 9, 2, 3]
-        second = map_cached(ex, fn, more, [candidate_key("sq", x) for x in more], archive)
-        assert fn.calls == [9, 2]
-        assert second == [{"x": x, "sq": x * x, "half": x / 2} for x in more]
-        rows = archive.candidates()
-        assert sorted(r["name"] or "" for r in rows) == ["", "", "c1", "c3", "c4", "c5"]
-        assert all(r["cost_s"] is not None and r["cost_s"] >= 0 for r in rows)
-
-
-def test_map_cached_keeps_what_finished_before_a_crash(tmp_path, pool):
-    items = list(range(6))
-    keys = [candidate_key("crash", x) for x in items]
-    with Archive(tmp_path / "a.sqlite") as archive:
-        with pytest.raises(RuntimeError, match="crash at 3"):
-            map_cached(make_executor("inprocess"), Counting(fail_at=3), items, keys, archive)
-        assert sorted(archive.results(keys).values(), key=lambda r: r["x"]) == [Counting()(x) for x in (0, 1, 2)]
-        fn = Counting()
-        assert map_cached(make_executor("inprocess"), fn, items, keys, archive) == [Counting()(x) for x in items]
-        assert fn.calls == [3, 4, 5]
-        # on the pool too: a result archived by an in-process run is not redone there
-        pooled = map_cached(pool, fail_on_three, [0, 2], [keys[0], candidate_key("other", 2)], archive)
-        assert pooled == [Counting()(0), 2]
-
-
-def test_map_cached_needs_a_key_per_item(tmp_path):
-    with Archive(tmp_path / "a.sqlite") as archive, pytest.raises(ValueError, match="keys"):
-        map_cached(make_executor("inprocess"), Counting(), [1, 2], ["k"], archive)

@@ -15,7 +15,7 @@ from robustnas.errors import UserError
 from robustnas.executor import InProcessExecutor, make_executor
 from robustnas.rundir import read_json
 from robustnas.search import SearchContext, build_strategy
-from robustnas.search.tamnas import make_operators, run_nsga2
+from robustnas.search.nsga2 import make_operators, run_nsga2
 from robustnas.spaces.tiny import BLOCKS, SKIP, TinyGenotype, TinyNetwork, TinySpace, block_kind, network_from_spec
 
 SPACE = TinySpace()
@@ -262,19 +262,28 @@ def test_interrupted_search_resumes_to_the_same_result(digits, full_run, tmp_pat
 def test_supernet_training_options(digits):
     s = build_strategy("tamnas", {**TINY, "sampling": "sandwich", "sandwich_random": 1, "adv": "pgd"})
     s.setup(SearchContext(digits, eps=0.1, progress=False))
-    subnets = s.step_subnets(np.random.default_rng(0))
+    t = s.trainer  # the supernet's training (search/tiny_supernet.py)
+    subnets = t.step_subnets(np.random.default_rng(0))
     assert subnets[:2] == [s.space.largest(), s.space.smallest()] and len(subnets) == 3
     x, y = digits.train.x[:8], digits.train.y[:8]
     s.net.set_active(subnets[2])
-    x_adv = s.training_examples(x, y)
+    x_adv = t.training_examples(x, y)
     assert (x_adv - x).abs().max() <= 0.1 + 1e-6 and not torch.equal(x_adv, x)
-    assert s.eps_at(0) < s.eps_at(s.steps_per_epoch) < s.eps_at(2 * s.steps_per_epoch) == s.eps  # the ramp
-    assert torch.equal(s.training_examples(x, y, eps=0.0), x)
+    assert t.eps_at(0) < t.eps_at(t.steps_per_epoch) < t.eps_at(2 * t.steps_per_epoch) == t.eps  # the ramp
+    assert torch.equal(t.training_examples(x, y, eps=0.0), x)
     before = [p.detach().clone() for p in s.net.parameters()]
-    loss, correct, n = s.train_step(x, y, subnets, lr=0.05)
+    loss, correct, n = t.train_step(x, y, subnets, lr=0.05)
     assert math.isfinite(loss) and n == 3 * len(y)
     moved = [not torch.equal(a, p) for a, p in zip(before, s.net.parameters())]
     assert any(moved) and not all(moved)  # blocks no subnet of the step chose keep their weights
+
+
+def test_a_step_size_above_one_is_an_l2_setting(digits):
+    s = build_strategy("tamnas", {**TINY, "step_size": "1.5"})
+    s.setup(SearchContext(digits, eps=2.0, norm="L2", progress=False))
+    assert s.trainer.step_size == 1.5
+    with pytest.raises(UserError, match="norm Linf"):
+        s.setup(SearchContext(digits, eps=0.1, norm="Linf", progress=False))
 
 
 @pytest.mark.parametrize("settings, field", [

@@ -77,7 +77,7 @@ class DsrnaConfig(SupernetConfig):
         if v is None:
             return v
         try:
-            parse_eps(v)
+            parse_eps(v, "Linf")  # the bounds' input box
         except UserError as e:  # a ValueError, so that the one-line message names the field
             raise ValueError(str(e)) from None
         return str(v)
