@@ -342,6 +342,8 @@ def evaluate_model(
     log: Optional[list[str]] = None,
     attack_options: Optional[dict[str, dict]] = None,
     sanity_n: int = 200,
+    per_image: Optional[dict[str, Tensor]] = None,
+    interval: str = "wilson",
 ) -> dict:
     """Evaluate `model` on images x (pixels in [0,1]) with labels y at radius eps; returns JSON-ready metrics.
 
@@ -350,7 +352,8 @@ def evaluate_model(
     The model is moved to `device`. `log` receives pyautoattack's log lines. `attack_options` passes
     keyword options to single attacks, e.g. {"square": {"n_queries": 1000}, "cw": {"steps": 30}}.
     The sanity checks' extra attacks at other settings (PGD-100, PGD-20 at a large eps) see only the first
-    `sanity_n` images, which bounds their cost.
+    `sanity_n` images, which bounds their cost. `per_image` receives each image's correctness (clean and per
+    asked attack); every accuracy gets a 95% `interval` ("wilson" or "exact") in metrics["intervals"].
     """
     eps = eps_value(eps, norm)
     attacks = list(attacks) + (["transfer"] if transfer_from is not None and "transfer" not in attacks else [])
@@ -449,7 +452,62 @@ def evaluate_model(
     metrics["attack_seconds"] = {k: round(v, 3) for k, v in runner.seconds.items()}
     metrics["sanity"] = {c.name: c.as_dict() for c in checks}
     metrics["reliable"] = all(c.status != "fail" for c in checks)
+    metrics["intervals"] = accuracy_intervals(metrics, interval)
+    if per_image is not None:
+        per_image.update({"clean": runner.clean.cpu(), **{k: masks[k].cpu() for k in names}})
     return metrics
+
+
+def accuracy_intervals(metrics: dict, method: str = "wilson") -> dict:
+    """95% binomial interval [low, high] of every accuracy in `metrics` (all on metrics["n"] images), keyed
+    like the accuracies themselves so that the RobustBench-shaped keys stay as they are."""
+    from robustnas.stats import LEVEL, accuracy_interval
+
+    n = metrics["n"]
+
+    def iv(acc: float) -> list[float]:
+        r = accuracy_interval(acc, n, method)
+        return [r["low"], r["high"]]
+
+    out: dict[str, Any] = {"method": method, "level": LEVEL, "n": n, "clean_acc": iv(metrics["clean_acc"]),
+                           "robust_acc": {k: iv(v) for k, v in metrics["robust_acc"].items()},
+                           "worst_case_acc": iv(metrics["worst_case_acc"])}
+    if "autoattack_acc" in metrics:
+        out["autoattack_acc"] = iv(metrics["autoattack_acc"])
+    if metrics.get("certified"):
+        out["certified"] = {k: iv(v) for k, v in metrics["certified"].items()}
+    return out
+
+
+PER_IMAGE = "per_image.csv"
+
+
+def write_per_image(run_dir: Path, y: Tensor, results: dict[str, Tensor], first_index: int = 0) -> Path:
+    """per_image.csv: one row per test image (its index in the test split, label, 1/0 clean correct and
+    robust to each attack), so later comparisons pair runs image by image without attacking them again."""
+    from robustnas.rundir import atomic_write_text
+
+    cols = list(results)
+    table = torch.stack([results[c].to(torch.int64) for c in cols], 1).tolist()
+    labels = y.cpu().tolist()
+    rows = [",".join(["index", "label", *cols])]
+    rows += [",".join(map(str, [first_index + i, labels[i], *r])) for i, r in enumerate(table)]
+    atomic_write_text(run_dir / PER_IMAGE, "\n".join(rows) + "\n")
+    return run_dir / PER_IMAGE
+
+
+def read_per_image(run_dir: Path) -> Optional[dict[str, Any]]:
+    """The columns of a run's per_image.csv as numpy arrays ("index", "label", "clean", one per attack), or
+    None for a run evaluated before the file existed."""
+    import numpy as np
+
+    path = Path(run_dir) / PER_IMAGE
+    if not path.is_file():
+        return None
+    lines = path.read_text().splitlines()
+    cols = lines[0].split(",")
+    data = np.array([ln.split(",") for ln in lines[1:]], dtype=np.int64).reshape(-1, len(cols))
+    return {c: (data[:, j] if c in ("index", "label") else data[:, j].astype(bool)) for j, c in enumerate(cols)}
 
 
 # ------------------------------------------------------------------------------------------ a run directory
@@ -521,15 +579,17 @@ def evaluate_run(
     x, y = data.test.x[:n], data.test.y[:n]
 
     log: list[str] = []
+    per_image: dict[str, Tensor] = {}
     metrics = evaluate_model(model, x, y, eps_float, attacks=attacks, norm=norm, certify=certify,
                              transfer_from=surrogate, batch_size=batch_size, device=dev, seed=seed,
-                             progress=progress, dataset_meta=data.meta, log=log)
+                             progress=progress, dataset_meta=data.meta, log=log, per_image=per_image)
     if transfer_from is not None:
         metrics["transfer_from"] = str(transfer_from)
     metrics["dataset"] = data.meta.name
     merged = {**old, **metrics}  # the training section (and anything else already there) is kept
     if log:
         atomic_write_text(run_dir / "evaluate.log", "\n".join(log) + "\n")
+    merged["per_image"] = write_per_image(run_dir, y, per_image).name
     write_run_report(run_dir, merged)
     write_json(run_dir / "metrics.json", merged)
     return merged

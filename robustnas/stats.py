@@ -60,7 +60,7 @@ def paired_difference(a: np.ndarray, b: np.ndarray, level: float = LEVEL) -> dic
     cell of the 2x2 table, then Wald) and McNemar's exact p-value."""
     n11, n10, n01, n00 = paired_counts(a, b)
     n = n11 + n10 + n01 + n00
-    z = norm.ppf(0.5 + level / 2)
+    z = float(norm.ppf(0.5 + level / 2))
     m = n + 2.0
     p10, p01 = (n10 + 0.5) / m, (n01 + 0.5) / m
     d_adj = p10 - p01
@@ -68,7 +68,7 @@ def paired_difference(a: np.ndarray, b: np.ndarray, level: float = LEVEL) -> dic
     diff = (n10 - n01) / n if n else 0.0
     lo, hi = max(d_adj - z * se, -1.0), min(d_adj + z * se, 1.0)
     return {"diff": diff, "low": lo, "high": hi, "n": n, "a_only": n10, "b_only": n01,
-            "p": mcnemar_exact(n10, n01), "test": "mcnemar-exact", "excludes_zero": lo > 0 or hi < 0}
+            "p": mcnemar_exact(n10, n01), "test": "mcnemar-exact", "excludes_zero": bool(lo > 0 or hi < 0)}
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
