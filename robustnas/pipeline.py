@@ -280,7 +280,9 @@ def benchmark_run(cmd: BenchmarkCommand, resume: bool = False, progress: bool = 
     A DARTS-space method's final network gets the C that meets the budget; a method whose search fixes
     the final size (LRNAS, TAM-NAS) gets the budget as its own `max_params` instead. Finished members
     (metrics.json written by their last step) are skipped, so an interrupted benchmark continues with
-    --resume."""
+    --resume, and a member added to the config later is paired with the stored per-image results of the
+    others without attacking them again. With several `seeds` every member is searched and trained once
+    per seed (`<member>-s<seed>/`) and the comparison treats the seeds as one member."""
     from robustnas.compare import compare_runs
     from robustnas.evaluate import get_attack
     from robustnas.models import list_models
@@ -294,8 +296,13 @@ def benchmark_run(cmd: BenchmarkCommand, resume: bool = False, progress: bool = 
     for arch in cmd.baselines:
         if arch not in list_models():
             raise UserError(f"baseline {arch!r} is not a hand-crafted model; use one of {', '.join(list_models())}")
-    runs: list[tuple[str, RunCommand]] = []
+    seeds = cmd.seed_list()
     out = Path(cmd.out) if cmd.out else Path("runs") / cmd.name
+
+    def member_dir(name: str, seed: int) -> Path:  # one seed keeps the layout of single-seed benchmarks
+        return out / (name if len(seeds) == 1 else f"{name}-s{seed}")
+
+    runs: list[tuple[str, RunCommand]] = []
     for method, settings in cmd.methods.items():
         settings = dict(settings or {})
         strategy = build_strategy(method, settings)
@@ -305,11 +312,12 @@ def benchmark_run(cmd: BenchmarkCommand, resume: bool = False, progress: bool = 
             strategy = build_strategy(method, settings)
         final = {} if fixes_size else {"params": cmd.budget, "layers": cmd.layers,
                                        "reduction_layers": cmd.reduction_layers}
-        rc = RunCommand(name=method, seed=cmd.seed, device=cmd.device, out=str(out / method), data=cmd.data,
-                        method=method, search=settings, final=final, train=cmd.train, evaluate=cmd.evaluate,
-                        baseline={"arch": None})
-        final_network_size(rc, strategy)  # a clash is reported before anything runs
-        runs.append((method, rc))
+        for seed in seeds:
+            rc = RunCommand(name=method, seed=seed, device=cmd.device, out=str(member_dir(method, seed)),
+                            data=cmd.data, method=method, search=settings, final=final, train=cmd.train,
+                            evaluate=cmd.evaluate, baseline={"arch": None})
+            final_network_size(rc, strategy)  # a clash is reported before anything runs
+            runs.append((method, rc))
     if out.exists() and any(out.iterdir()) and not resume:
         raise UserError(f"benchmark directory {out} already exists: pass --resume to continue it, or another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -324,14 +332,15 @@ def benchmark_run(cmd: BenchmarkCommand, resume: bool = False, progress: bool = 
         labels.append(method)
     if cmd.baselines:
         device = resolve_device(cmd.device)
-        data = load_data(cmd.data, cmd.seed)
-        rc = resolved(RunCommand(name="baseline", seed=cmd.seed, device=cmd.device, data=cmd.data,
-                                 train=cmd.train, evaluate=cmd.evaluate), data)
-        for arch in cmd.baselines:
-            bout = out / f"baseline-{arch}"
-            if not _finished(bout, "reliable"):
-                train_evaluate(bout, arch, data, rc, device, resume=resume or bout.exists(), progress=progress,
-                               params=budget, at_most=True)
-            dirs.append(bout)
-            labels.append(f"{arch} (hand-crafted)")
+        for seed in seeds:
+            data = load_data(cmd.data, seed)
+            rc = resolved(RunCommand(name="baseline", seed=seed, device=cmd.device, data=cmd.data,
+                                     train=cmd.train, evaluate=cmd.evaluate), data)
+            for arch in cmd.baselines:
+                bout = member_dir(f"baseline-{arch}", seed)
+                if not _finished(bout, "reliable"):
+                    train_evaluate(bout, arch, data, rc, device, resume=resume or bout.exists(), progress=progress,
+                                   params=budget, at_most=True)
+                dirs.append(bout)
+                labels.append(f"{arch} (hand-crafted)")
     return compare_runs(dirs, out, labels, title=f"{cmd.name}: every method at {cmd.budget} parameters")

@@ -120,3 +120,32 @@ def test_an_old_run_without_per_image_results_is_reported_unpaired(runs, tmp_pat
     assert "no per_image.csv" in res["paired"]["unpaired"][0]["why"]
     assert [m["label"] for m in res["paired"]["members"]] == ["strong"]
     assert "unpaired: **old**" in (tmp_path / "cmp" / "report.md").read_text()
+
+
+def bench_config(tmp_path, baselines, seeds):
+    cfg = {"name": "bench", "out": str(tmp_path / "bench"), "data": {"dataset": "digits", "subset": 200},
+           "budget": "20k", "methods": {}, "baselines": baselines, "seeds": seeds,
+           "train": {"adv": "pgd", "epochs": 1, "batch_size": 32, "val_n": 32, "val_steps": 1,
+                     "attack": {"eps": "0.1", "steps": 1}},
+           "evaluate": {"attacks": ["fgsm", "pgd20"], "n": 30, "certify": []}}
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_benchmark_seeds_and_a_new_member_paired_without_attacking_the_old_ones(tmp_path):
+    result = CliRunner().invoke(app, ["benchmark", "--config", str(bench_config(tmp_path, ["cnn"], [0, 1])),
+                                      "--no-progress"])
+    assert result.exit_code == 0, result.output
+    bench = tmp_path / "bench"
+    old = {p: os.stat(p).st_mtime_ns for p in bench.glob("baseline-cnn-s*/*")}
+    assert {p.parent.name for p in old} == {"baseline-cnn-s0", "baseline-cnn-s1"}
+    cfg = bench_config(tmp_path, ["cnn", "vgg"], [0, 1])
+    result = CliRunner().invoke(app, ["benchmark", "--config", str(cfg), "--no-progress", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert {p: os.stat(p).st_mtime_ns for p in bench.glob("baseline-cnn-s*/*")} == old  # nothing redone
+    paired = json.loads((bench / "compare.json").read_text())["paired"]
+    assert paired["unpaired"] == [] and paired["n"] == 30
+    assert {m["label"]: m["seeds"] for m in paired["members"]} == {"cnn (hand-crafted)": 2, "vgg (hand-crafted)": 2}
+    assert [p["test"] for p in paired["pairs"]] == ["bootstrap seeds x images"]
+    assert "each seed searched and trained its member anew" in (bench / "report.md").read_text()
