@@ -248,14 +248,37 @@ def benchmark(
     device: Optional[str] = typer.Option(None),
     resume: bool = typer.Option(False, help="continue: finished members are not redone"),
     progress: bool = typer.Option(True),
+    plan: bool = typer.Option(False, "--plan", help="only estimate each member's wall time (short timed "
+                                                    "calibrations) and the smallest detectable difference"),
+    discordance: float = typer.Option(0.2, min=0.0, max=1.0, help="--plan: assumed share of test images on "
+                                                                 "which two members disagree"),
+    seed_sd: float = typer.Option(0.0, min=0.0, help="--plan: assumed spread (sd) of one member's accuracy "
+                                                     "across seeds"),
 ) -> None:
     """Every search method and hand-crafted baseline on the same data, budget, recipe and attacks."""
     from robustnas.config import BenchmarkCommand
-    from robustnas.pipeline import benchmark_run
+    from robustnas.pipeline import benchmark_plan, benchmark_run
 
     base = _run(load_yaml, config)
     cmd = _run(validate, BenchmarkCommand, deep_update(base, {"out": out, "seed": seed, "device": device}))
+    if plan:
+        _print_plan(_run(benchmark_plan, cmd, discordance=discordance, seed_sd=seed_sd))
+        return
     _print_comparison(_run(benchmark_run, cmd, resume=resume, progress=progress))
+
+
+def _print_plan(p: dict) -> None:
+    table = Table("member", "params", "search s", "train s", "attack s", "seeds", "total s",
+                  title=f"estimated wall time on this machine ({p['device']})")
+    for m in p["members"]:
+        table.add_row(m["label"], f"{m['params']:,}", *(f"{m[k]:.0f}" for k in ("search_s", "train_s", "attack_s")),
+                      str(m["seeds"]), f"{m['total_s']:.0f}")
+    console.print(table)
+    console.print(f"total: {p['total_s'] / 60:.1f} min for {len(p['seeds'])} seed(s) {p['seeds']}")
+    a = p["assumed"]
+    console.print(f"smallest AutoAttack difference between two members detected with {p['power']:.0%} power "
+                  f"(paired test at {p['alpha']}; assumed discordance {a['discordance']}, seed sd {a['seed_sd']}): "
+                  + ", ".join(f"{d:.3f} at n={n}" for n, d in p["detectable"].items()))
 
 
 def _print_comparison(result: dict) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -344,3 +345,134 @@ def benchmark_run(cmd: BenchmarkCommand, resume: bool = False, progress: bool = 
                 dirs.append(bout)
                 labels.append(f"{arch} (hand-crafted)")
     return compare_runs(dirs, out, labels, title=f"{cmd.name}: every method at {cmd.budget} parameters")
+
+
+# ------------------------------------------------------------------------------------------ benchmark --plan
+PLAN_KNOBS = ("epochs", "max_batches_per_epoch", "generations", "n")  # a search's cost grows with these
+
+
+def _timed(fn, *args, **kw) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn(*args, **kw)
+    return time.perf_counter() - t0, out
+
+
+def calibrate_search(method: str, settings: dict, data: Dataset, eps: float, norm: str, device, seed: int,
+                     tmp: Path) -> tuple[float, object, object]:
+    """Estimated seconds of a method's search: timed at 1 of each cost knob it has (epochs, batches per
+    epoch, generations, candidates; warm-up stages off), then once more per knob at 2; the costs are taken
+    as additive (batches multiply with epochs) and extrapolated to the real settings. Returns the estimate,
+    the calibration search's genotype and the real strategy."""
+    from robustnas.search import SearchContext, build_strategy
+
+    strategy = build_strategy(method, settings)
+    cfg, fields = strategy.cfg, type(strategy.cfg).model_fields
+    knobs = [k for k in PLAN_KNOBS if k in fields]
+    base = {**settings, **{k: 1 for k in knobs}, **{k: 0 for k in ("warmup_epochs", "adv_only_epochs") if k in fields}}
+
+    def run(over: dict, tag: str):
+        ctx = SearchContext(data=data, eps=eps, norm=norm, device=device, seed=seed, out_dir=tmp / f"{method}-{tag}",
+                            progress=False)
+        torch.manual_seed(seed)
+        return _timed(build_strategy(method, {**base, **over}).search, ctx)
+
+    t0, result = run({}, "base")
+    slope = {k: max(run({k: 2}, k)[0] - t0, 0.0) for k in knobs}
+    epochs = getattr(cfg, "epochs", 1)
+    per_epoch = getattr(cfg, "max_batches_per_epoch", None) or math.ceil(
+        len(data.train) * getattr(cfg, "train_portion", 1.0) / getattr(cfg, "batch_size", 1))
+    est = (t0 + slope.get("epochs", 0.0) * (epochs - 1) + slope.get("max_batches_per_epoch", 0.0) * epochs * (per_epoch - 1)
+           + slope.get("generations", 0.0) * (getattr(cfg, "generations", 1) - 1) + slope.get("n", 0.0) * (getattr(cfg, "n", 1) - 1))
+    return est, result.genotype, strategy
+
+
+def calibrate_train(model: torch.nn.Module, data: Dataset, train: TrainConfig, eps: float, device, seed: int) -> float:
+    """Estimated seconds of training `model` with `train`: one epoch timed on 2 and on 4 batches gives the
+    cost of a batch and of the per-epoch validation."""
+    from robustnas.data import Dataset as DS
+
+    cfg = train.model_copy(update={"epochs": 1})
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    times = []
+    for k in (2, 4):
+        model.load_state_dict(state)
+        part = DS(meta=data.meta, train=data.train.head(k * cfg.batch_size), val=data.val, test=data.test)
+        times.append(_timed(Trainer(model, part, cfg, eps, seed=seed, device=device, progress=False).fit)[0])
+    model.load_state_dict(state)
+    per_batch = max(times[1] - times[0], 0.0) / 2
+    per_val = max(times[0] - 2 * per_batch, 0.0)
+    return train.epochs * (math.ceil(len(data.train) / train.batch_size) * per_batch + per_val)
+
+
+def calibrate_attack(model: torch.nn.Module, data: Dataset, cmd: BenchmarkCommand, eps: float, device, seed: int,
+                     m: int = 50) -> float:
+    """Estimated seconds of `evaluate` on cmd.evaluate.n images: the whole evaluation (attacks, sanity checks,
+    certification) timed on m images and scaled by n / m (the sanity checks' capped extra attacks make this
+    an upper estimate past 200 images)."""
+    from robustnas.evaluate import evaluate_model
+
+    ev = cmd.evaluate
+    m = min(m, ev.n, len(data.test))
+    t, _ = _timed(evaluate_model, model, data.test.x[:m], data.test.y[:m], eps, attacks=ev.attacks,
+                  norm=cmd.train.attack.norm, certify=ev.certify, batch_size=ev.batch_size, device=device, seed=seed,
+                  progress=False, sanity_n=m)
+    return t * ev.n / m
+
+
+def benchmark_plan(cmd: BenchmarkCommand, discordance: float = 0.2, seed_sd: float = 0.0, alpha: float = 0.05,
+                   power: float = 0.8) -> dict:
+    """Before any work: each member's estimated wall time on this machine (search, training, attack, times the
+    seeds) from short timed calibrations, and the smallest AutoAttack difference between two members that the
+    chosen test images and seeds detect with `power` (stats.detectable_difference; `discordance` and `seed_sd`
+    are assumptions the user states). Writes nothing under the benchmark's directory."""
+    import tempfile
+
+    from robustnas.evaluate import get_attack
+    from robustnas.models import list_models
+    from robustnas.stats import detectable_difference
+
+    for a in cmd.evaluate.attacks:
+        get_attack(a)
+    for arch in cmd.baselines:
+        if arch not in list_models():
+            raise UserError(f"baseline {arch!r} is not a hand-crafted model; use one of {', '.join(list_models())}")
+    device = resolve_device(cmd.device)
+    data = load_data(cmd.data, cmd.seed)
+    eps = parse_eps(cmd.train.attack.eps if cmd.train.attack.eps is not None else data.meta.eps)
+    budget = parse_count(cmd.budget)
+    seeds = cmd.seed_list()
+    members = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for method, settings in cmd.methods.items():
+            from robustnas.search import build_strategy
+
+            settings = dict(settings or {})
+            strategy = build_strategy(method, settings)
+            if hasattr(strategy, "final_size") and "max_params" in type(strategy.cfg).model_fields:
+                settings.setdefault("max_params", cmd.budget)
+            search_s, genotype, strategy = calibrate_search(method, settings, data, eps, cmd.train.attack.norm,
+                                                            device, cmd.seed, tmp)
+            final = {} if hasattr(strategy, "final_size") else {"params": cmd.budget, "layers": cmd.layers,
+                                                                 "reduction_layers": cmd.reduction_layers}
+            rc = RunCommand(name=method, method=method, search=settings, final=final)
+            torch.manual_seed(cmd.seed)
+            model, _ = build_arch(str(_save_genotype(tmp / f"{method}-base", genotype)), data.meta,
+                                  **final_network_size(rc, strategy))
+            members.append({"label": method, "search_s": search_s, "model": model})
+        for arch in cmd.baselines:
+            torch.manual_seed(cmd.seed)
+            model, _ = build_arch(arch, data.meta, params=budget, at_most=True)
+            members.append({"label": f"{arch} (hand-crafted)", "search_s": 0.0, "model": model})
+        for mem in members:
+            model = mem.pop("model")
+            mem["params"] = count_params(model)
+            mem["train_s"] = calibrate_train(model, data, cmd.train, eps, device, cmd.seed)
+            mem["attack_s"] = calibrate_attack(model, data, cmd, eps, device, cmd.seed)
+            mem["seeds"] = len(seeds)
+            mem["total_s"] = len(seeds) * (mem["search_s"] + mem["train_s"] + mem["attack_s"])
+    n = cmd.evaluate.n
+    detect = {k: detectable_difference(k, len(seeds), discordance, seed_sd, alpha, power) for k in (n, 2 * n, 4 * n)}
+    return {"members": members, "total_s": sum(m["total_s"] for m in members), "n": n, "seeds": seeds,
+            "detectable": detect, "assumed": {"discordance": discordance, "seed_sd": seed_sd},
+            "alpha": alpha, "power": power, "device": str(device)}

@@ -149,3 +149,30 @@ def test_benchmark_seeds_and_a_new_member_paired_without_attacking_the_old_ones(
     assert {m["label"]: m["seeds"] for m in paired["members"]} == {"cnn (hand-crafted)": 2, "vgg (hand-crafted)": 2}
     assert [p["test"] for p in paired["pairs"]] == ["bootstrap seeds x images"]
     assert "each seed searched and trained its member anew" in (bench / "report.md").read_text()
+
+
+def test_plan_estimates_every_member_and_writes_nothing(tmp_path):
+    cfg = bench_config(tmp_path, ["cnn"], [0, 1])
+    result = CliRunner().invoke(app, ["benchmark", "--config", str(cfg), "--plan", "--discordance", "0.3"])
+    assert result.exit_code == 0, result.output
+    assert "cnn" in result.output and "for 2 seed(s)" in result.output
+    from robustnas.stats import detectable_difference
+
+    assert f"{detectable_difference(30, 2, 0.3):.3f} at n=30" in result.output.replace("\n", " ")
+    assert not (tmp_path / "bench").exists()
+
+
+def test_plan_extrapolates_search_cost_from_the_calibration_runs(monkeypatch, data, tmp_path):
+    """With a search whose cost is a known function of its settings, the estimate is that cost."""
+    from types import SimpleNamespace
+
+    from robustnas import pipeline
+
+    def cost(cfg):  # set-up + per epoch + per batch
+        return 3.0 + 2.0 * cfg.epochs + 0.5 * cfg.epochs * cfg.max_batches_per_epoch
+
+    monkeypatch.setattr(pipeline, "_timed", lambda fn, *a, **k: (cost(fn.__self__.cfg), SimpleNamespace(genotype=None)))
+    settings = {"C": 4, "layers": 3, "epochs": 7, "max_batches_per_epoch": 5, "warmup_epochs": 2}
+    est, _, strategy = pipeline.calibrate_search("darts", settings, data, 0.1, "Linf", "cpu", 0, tmp_path)
+    assert est == pytest.approx(cost(strategy.cfg))
+    assert strategy.cfg.warmup_epochs == 2  # the real settings, not the calibration's
