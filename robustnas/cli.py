@@ -107,12 +107,15 @@ def evaluate(
     device: str = typer.Option("auto"),
     seed: int = typer.Option(0),
     progress: bool = typer.Option(True),
+    interval: str = typer.Option("wilson", help="95% interval of each accuracy: wilson | exact (Clopper-Pearson)"),
 ) -> None:
-    """Attack and certify a trained model; write metrics.json, report.md and plots into its run directory."""
+    """Attack and certify a trained model; write metrics.json, per_image.csv, report.md and plots into its run
+    directory."""
     from robustnas.evaluate import evaluate_run
 
     m = _run(evaluate_run, run_dir, attacks=_csv(attacks), eps=eps, n=n, batch_size=batch_size,
-             certify=_csv(certify) or (), transfer_from=transfer_from, device=device, seed=seed, progress=progress)
+             certify=_csv(certify) or (), transfer_from=transfer_from, device=device, seed=seed, progress=progress,
+             interval=interval)
     _print_metrics(run_dir, m)
 
 

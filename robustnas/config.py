@@ -164,6 +164,7 @@ class EvalConfig(Base):
     n: int = Field(default=500, ge=1)
     batch_size: int = Field(default=256, ge=1)
     certify: list[str] = ["ibp"]
+    interval: Literal["wilson", "exact"] = "wilson"  # 95% interval of every accuracy (exact: Clopper-Pearson)
 
 
 class BaselineConfig(Base):

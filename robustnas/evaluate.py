@@ -31,6 +31,7 @@ from robustnas.attacks import (PYAUTOATTACK_ATTACKS, AutoAttackResult, attack_na
 from robustnas.config import format_eps, load_yaml, parse_eps
 from robustnas.errors import UserError
 from robustnas.size import count_flops, count_params
+from robustnas.stats import INTERVALS
 
 DEFAULT_ATTACKS = ("fgsm", "pgd20", "autoattack")
 CERTIFY_METHODS = ("ibp", "crown", "crown-ibp")
@@ -540,9 +541,11 @@ def evaluate_run(
     device: str = "auto",
     seed: int = 0,
     progress: bool = True,
+    interval: str = "wilson",
 ) -> dict:
     """Evaluate the model of a run directory on the first n test images of its dataset, at the run's eps
-    unless told; write metrics.json (the training section kept), report.md and plots/, return the metrics."""
+    unless told; write metrics.json (the training section kept), per_image.csv, report.md and plots/, return
+    the metrics."""
     from robustnas.data import load_dataset
     from robustnas.report import write_run_report
     from robustnas.rundir import atomic_write_text, read_json, write_json
@@ -553,6 +556,8 @@ def evaluate_run(
         get_attack(a)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise UserError(f"n must be a positive number of test images, got {n!r}")
+    if interval not in INTERVALS:
+        raise UserError(f"unknown interval {interval!r}; use one of {', '.join(INTERVALS)}")
     dev = resolve_device(device)
     model, spec = _load(run_dir, str(dev))
     cfg = _run_config(run_dir)
@@ -582,7 +587,8 @@ def evaluate_run(
     per_image: dict[str, Tensor] = {}
     metrics = evaluate_model(model, x, y, eps_float, attacks=attacks, norm=norm, certify=certify,
                              transfer_from=surrogate, batch_size=batch_size, device=dev, seed=seed,
-                             progress=progress, dataset_meta=data.meta, log=log, per_image=per_image)
+                             progress=progress, dataset_meta=data.meta, log=log, per_image=per_image,
+                             interval=interval)
     if transfer_from is not None:
         metrics["transfer_from"] = str(transfer_from)
     metrics["dataset"] = data.meta.name

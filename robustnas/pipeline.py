@@ -180,7 +180,7 @@ def train_evaluate(out: Path, arch: str, data: Dataset, cmd, device: torch.devic
                progress=progress, test_n=0)  # evaluate_run measures the test set next
     ev = cmd.evaluate
     metrics = evaluate_run(out, attacks=ev.attacks, n=ev.n, batch_size=ev.batch_size, certify=ev.certify,
-                           device=str(device), seed=cmd.seed, progress=progress)
+                           device=str(device), seed=cmd.seed, progress=progress, interval=ev.interval)
     archive_evaluation("train", out, metrics, {**cmd.model_dump(mode="json"), "arch": arch, **(record or {})},
                        method=method)
     return metrics
@@ -248,7 +248,7 @@ def run_pipeline(cmd: RunCommand, resume: bool = False, progress: bool = True) -
     train_into(out, model, spec, data, cmd.train, seed=cmd.seed, device=device, resume=resume,
                progress=progress, test_n=0)  # evaluate_run measures the test set next
     searched = evaluate_run(out, attacks=ev.attacks, n=ev.n, batch_size=ev.batch_size, certify=ev.certify,
-                            device=str(device), seed=cmd.seed, progress=progress)
+                            device=str(device), seed=cmd.seed, progress=progress, interval=ev.interval)
     searched["search_seconds"] = search_seconds
     searched["search_method"] = cmd.method
 
@@ -360,8 +360,8 @@ def _timed(fn, *args, **kw) -> tuple[float, object]:
 def calibrate_search(method: str, settings: dict, data: Dataset, eps: float, norm: str, device, seed: int,
                      tmp: Path) -> tuple[float, object, object]:
     """Estimated seconds of a method's search: timed at 1 of each cost knob it has (epochs, batches per
-    epoch, generations, candidates; warm-up stages off), then once more per knob at 2; the costs are taken
-    as additive (batches multiply with epochs) and extrapolated to the real settings. Returns the estimate,
+    epoch, generations, candidates; warm-up stages off; after one untimed run), then once per knob at up to
+    4; the costs are taken as additive (batches multiply with epochs) and extrapolated to the real settings. Returns the estimate,
     the calibration search's genotype and the real strategy."""
     from robustnas.search import SearchContext, build_strategy
 
@@ -376,11 +376,17 @@ def calibrate_search(method: str, settings: dict, data: Dataset, eps: float, nor
         torch.manual_seed(seed)
         return _timed(build_strategy(method, {**base, **over}).search, ctx)
 
-    t0, result = run({}, "base")
-    slope = {k: max(run({k: 2}, k)[0] - t0, 0.0) for k in knobs}
     epochs = getattr(cfg, "epochs", 1)
     per_epoch = getattr(cfg, "max_batches_per_epoch", None) or math.ceil(
         len(data.train) * getattr(cfg, "train_portion", 1.0) / getattr(cfg, "batch_size", 1))
+    real = {"epochs": epochs, "max_batches_per_epoch": per_epoch, "generations": getattr(cfg, "generations", 1),
+            "n": getattr(cfg, "n", 1)}
+    run({}, "warmup")  # first calls (imports, allocations) would count as set-up cost
+    t0, result = run({}, "base")
+    slope = {}
+    for k in knobs:  # a step of up to 3 lifts the knob's cost above the timing noise
+        step = min(real[k], 4) - 1
+        slope[k] = max(run({k: step + 1}, k)[0] - t0, 0.0) / step if step > 0 else 0.0
     est = (t0 + slope.get("epochs", 0.0) * (epochs - 1) + slope.get("max_batches_per_epoch", 0.0) * epochs * (per_epoch - 1)
            + slope.get("generations", 0.0) * (getattr(cfg, "generations", 1) - 1) + slope.get("n", 0.0) * (getattr(cfg, "n", 1) - 1))
     return est, result.genotype, strategy

@@ -176,3 +176,18 @@ def test_plan_extrapolates_search_cost_from_the_calibration_runs(monkeypatch, da
     est, _, strategy = pipeline.calibrate_search("darts", settings, data, 0.1, "Linf", "cpu", 0, tmp_path)
     assert est == pytest.approx(cost(strategy.cfg))
     assert strategy.cfg.warmup_epochs == 2  # the real settings, not the calibration's
+
+
+def test_evaluate_takes_the_exact_interval_and_refuses_an_unknown_one(runs, tmp_path):
+    import shutil
+
+    from robustnas.errors import UserError
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["weak"], run)
+    m = evaluate_run(run, attacks=("fgsm",), n=20, device="cpu", progress=False, interval="exact")
+    k = round(m["clean_acc"] * 20)
+    ci = binomtest(k, 20).proportion_ci(method="exact")
+    assert m["intervals"]["method"] == "exact" and m["intervals"]["clean_acc"] == pytest.approx([ci.low, ci.high])
+    with pytest.raises(UserError, match="unknown interval"):
+        evaluate_run(run, attacks=("fgsm",), n=20, device="cpu", progress=False, interval="wald")
