@@ -234,11 +234,19 @@ def study(
 def compare(
     run_dirs: list[str] = typer.Argument(..., help="run directories with metrics.json"),
     out: str = typer.Option("runs/compare", help="where report.md, compare.json and plots/ go"),
+    labels: Optional[str] = typer.Option(None, help="comma list, one label per run directory; runs with the "
+                                                    "same label are seeds of one member"),
 ) -> None:
-    """One table and Pareto plot over finished runs, ranked by AutoAttack accuracy."""
+    """One table and Pareto plot over finished runs, ranked by AutoAttack accuracy, and paired tests on the
+    test images they share."""
     from robustnas.compare import compare_runs
 
-    result = _run(compare_runs, run_dirs, out)
+    names = _csv(labels) if labels else None
+    if names is not None and len(names) != len(run_dirs):
+        err_console.print(f"[bold red]error:[/] --labels gives {len(names)} labels for {len(run_dirs)} run "
+                          f"directories", highlight=False)
+        raise typer.Exit(2)
+    result = _run(compare_runs, run_dirs, out, names)
     _print_comparison(result)
 
 

@@ -124,9 +124,10 @@ def _common_metric(tables: Sequence[dict]) -> Optional[str]:
 
 
 def paired_analysis(entries: Sequence[dict], alpha: float = 0.05, seed: int = 0) -> dict[str, Any]:
-    """Members (entries sharing a label are its seeds) compared on the test images they all share, from
-    their per_image.csv. Returns the metric, the shared n, each member's summary in rank order, every pair
-    (Holm-corrected), the group that cannot be told apart from the best, and the unpaired runs with why."""
+    """Members (entries sharing a label are its seeds) compared from their per_image.csv: ranked on the test
+    images all of them share, each pair on the images both share. Returns the metric, the shared n, each
+    member's summary in rank order, every pair (Holm-corrected), the group that cannot be told apart from the
+    best, and the unpaired runs with why."""
     from robustnas.evaluate import read_per_image
 
     unpaired: list[dict] = []
@@ -149,37 +150,40 @@ def paired_analysis(entries: Sequence[dict], alpha: float = 0.05, seed: int = 0)
         unpaired += [{"label": e["label"], "run_dir": e["run_dir"], "why": "no robust metric shared with the others"}
                      for e, _ in tables]
         tables = []
-    if tables:
-        shared = set.intersection(*(set(t["index"].tolist()) for _, t in tables))
-        idx = np.array(sorted(shared), dtype=np.int64)
-        first = tables[0][1]
-        ref_labels = first["label"][np.searchsorted(first["index"], idx)]
-        kept = []
-        for e, t in tables:
-            pos = np.searchsorted(t["index"], idx)
-            if not np.array_equal(t["label"][pos], ref_labels):
-                unpaired.append({"label": e["label"], "run_dir": e["run_dir"],
-                                 "why": "its test images carry other labels (another test split or subset)"})
-            else:
-                kept.append((e, t[metric][pos]))
-        tables = kept
-    if not tables or not len(idx):
+    label_of: dict[int, int] = {}
+    kept = []
+    for e, t in tables:
+        idx, lab = t["index"].tolist(), t["label"].tolist()
+        if any(label_of.setdefault(i, k) != k for i, k in zip(idx, lab)):
+            unpaired.append({"label": e["label"], "run_dir": e["run_dir"],
+                             "why": "its test images carry other labels (another test split or subset)"})
+        else:
+            kept.append((e, dict(zip(idx, t[metric].tolist()))))
+    shared = sorted(set.intersection(*(set(c) for _, c in kept))) if kept else []
+    if not shared:
+        unpaired += [{"label": e["label"], "run_dir": e["run_dir"], "why": "no test image shared with the others"}
+                     for e, _ in kept]
         return {"metric": metric, "n": 0, "members": [], "pairs": [], "best_group": [], "unpaired": unpaired,
                 "alpha": alpha}
 
+    def correct(runs: list[dict], images: list[int]) -> np.ndarray:  # seeds x images
+        return np.array([[c[i] for i in images] for c in runs], dtype=bool)
+
     groups: dict[str, list] = {}
-    for e, col in tables:
+    for e, col in kept:
         groups.setdefault(e["label"], []).append((e, col))
     members = []
     for label, runs in groups.items():
-        arr = np.stack([c for _, c in runs])
-        members.append({"label": label, "handcrafted": runs[0][0]["method"] is None, "correct": arr,
-                        "run_dirs": [e["run_dir"] for e, _ in runs], **stats.seed_summary(arr, seed=seed)})
+        members.append({"label": label, "handcrafted": runs[0][0]["method"] is None,
+                        "run_dirs": [e["run_dir"] for e, _ in runs],
+                        **stats.seed_summary(correct([c for _, c in runs], shared), seed=seed)})
     members.sort(key=lambda m: -m["mean"])
-    pairs = []
+    pairs = []  # each pair on every image both members were evaluated on (sequential evaluation adds some)
     for i in range(len(members)):
         for j in range(i + 1, len(members)):
-            r = stats.compare_members(members[i]["correct"], members[j]["correct"], seed=seed)
+            a, b = ([c for _, c in groups[members[k]["label"]]] for k in (i, j))
+            images = sorted(set.intersection(*(set(c) for c in a + b)))
+            r = stats.compare_members(correct(a, images), correct(b, images), seed=seed)
             pairs.append({"a": members[i]["label"], "b": members[j]["label"], **r})
     for pr, adj in zip(pairs, stats.holm([pr["p"] for pr in pairs])):
         pr["p_holm"] = adj
@@ -188,8 +192,7 @@ def paired_analysis(entries: Sequence[dict], alpha: float = 0.05, seed: int = 0)
     group = [best] + [pr["b"] for pr in pairs if pr["a"] == best and not pr["differ"]]
     for m in members:
         m["with_best"] = m["label"] in group
-        del m["correct"]
-    return {"metric": metric, "n": int(len(idx)), "alpha": alpha, "members": members, "pairs": pairs,
+    return {"metric": metric, "n": len(shared), "alpha": alpha, "members": members, "pairs": pairs,
             "best_group": group, "unpaired": unpaired}
 
 
@@ -267,11 +270,18 @@ def paired_report(paired: dict, forest: Optional[Path]) -> list[str]:
     lines += ["", f"\\* cannot be told apart from the best ({best}): {', '.join(group)}." if len(group) > 1 else
               f"\\* {best} is better than every other member (Holm-corrected).", ""]
     if len(paired["pairs"]) > 1:
-        lines += ["| pair | difference | 95% interval | test | p | Holm p | |", "|---|---|---|---|---|---|---|"]
+        lines += ["| pair | n | difference | 95% interval | test | p | Holm p | |", "|---|---|---|---|---|---|---|---|"]
         for pr in paired["pairs"]:
             verdict = "differ" if pr["differ"] else "cannot be told apart"
-            lines.append(f"| {pr['a']} - {pr['b']} | {pr['diff']:+.3f} | [{pr['low']:+.3f}, {pr['high']:+.3f}] | "
-                         f"{pr['test']} | {pr['p']:.3g} | {pr['p_holm']:.3g} | {verdict} |")
+            lines.append(f"| {pr['a']} - {pr['b']} | {pr['n']} | {pr['diff']:+.3f} | [{pr['low']:+.3f}, "
+                         f"{pr['high']:+.3f}] | {pr['test']} | {pr['p']:.3g} | {pr['p_holm']:.3g} | {verdict} |")
+        lines.append("")
+    if paired.get("sequential"):
+        lines += ["Sequential evaluation: images were attacked in chunks and a pair stopped growing once its "
+                  "(unadjusted) interval excluded zero or it reached the maximum n. Looking after every chunk "
+                  "makes the nominal level approximate (no alpha spending).", ""]
+        lines += [f"- {q['a']} vs {q['b']}: stopped at n={q['n']}"
+                  f"{' (early)' if q['early'] else ''}: {q['why']}" for q in paired["sequential"]]
         lines.append("")
     if forest:
         lines += [f"![difference to the best hand-crafted baseline](plots/{forest.name})", ""]
@@ -279,9 +289,10 @@ def paired_report(paired: dict, forest: Optional[Path]) -> list[str]:
 
 
 def compare_runs(run_dirs: Sequence[str | Path], out: str | Path, labels: Optional[Sequence[str]] = None,
-                 title: str = "Comparison", alpha: float = 0.05) -> dict[str, Any]:
+                 title: str = "Comparison", alpha: float = 0.05,
+                 sequential: Optional[Sequence[dict]] = None) -> dict[str, Any]:
     """compare.json, report.md and plots/ in `out` for the given run directories (the same label twice:
-    two seeds of one member)."""
+    two seeds of one member); `sequential` is where and why each pair of a sequential evaluation stopped."""
     if not run_dirs:
         raise UserError("give at least one run directory to compare")
     labels = list(labels) if labels else [None] * len(run_dirs)
@@ -304,6 +315,8 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path, labels: Option
     if p:
         lines += [f"![pareto](plots/{p.name})", ""]
     paired = paired_analysis(entries, alpha=alpha)
+    if sequential is not None:
+        paired["sequential"] = list(sequential)
     lines += paired_report(paired, plot_forest(paired, out / "plots" / "forest.png"))
     darts = [(e["label"], e["genotype"]) for e in entries if "genotype" in e and e["genotype"].get("space") != "tiny"]
     if darts:

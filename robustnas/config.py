@@ -206,6 +206,9 @@ class BenchmarkCommand(Command):
     # each member is searched and trained once per seed (None: `seed` alone); a search seed is part of the
     # method's variance, so the report's intervals span seeds and test images
     seeds: Optional[list[int]] = Field(default=None, min_length=1)
+    # sequential evaluation: attack this many test images at a time and stop growing a pair once its interval
+    # excludes zero or it reaches evaluate.n (the maximum); None: every member on all evaluate.n images
+    sequential_chunk: Optional[int] = Field(default=None, ge=1)
     train: TrainConfig = TrainConfig()
     evaluate: EvalConfig = EvalConfig()
 

@@ -530,35 +530,11 @@ def _load(run_dir: Path, device: str) -> tuple[nn.Module, dict]:
                         f"model.json: {detail}") from None
 
 
-def evaluate_run(
-    run_dir: str | Path,
-    attacks: Sequence[str] = DEFAULT_ATTACKS,
-    eps: Optional[float | str] = None,
-    n: int = 1000,
-    batch_size: int = 256,
-    certify: Sequence[str] = (),
-    transfer_from: Optional[str | Path] = None,
-    device: str = "auto",
-    seed: int = 0,
-    progress: bool = True,
-    interval: str = "wilson",
-) -> dict:
-    """Evaluate the model of a run directory on the first n test images of its dataset, at the run's eps
-    unless told; write metrics.json (the training section kept), per_image.csv, report.md and plots/, return
-    the metrics."""
+def _setup(run_dir: Path, dev: torch.device, eps: Optional[float | str]) -> tuple[nn.Module, Any, str, float, dict]:
+    """A run directory's model, dataset, norm, eps (the run's unless given) and the metrics.json it holds."""
     from robustnas.data import load_dataset
-    from robustnas.report import write_run_report
-    from robustnas.rundir import atomic_write_text, read_json, write_json
-    from robustnas.training import resolve_device
+    from robustnas.rundir import read_json
 
-    run_dir = Path(run_dir)
-    for a in attacks:
-        get_attack(a)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise UserError(f"n must be a positive number of test images, got {n!r}")
-    if interval not in INTERVALS:
-        raise UserError(f"unknown interval {interval!r}; use one of {', '.join(INTERVALS)}")
-    dev = resolve_device(device)
     model, spec = _load(run_dir, str(dev))
     cfg = _run_config(run_dir)
     old = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").exists() else {}
@@ -576,6 +552,38 @@ def evaluate_run(
     norm = attack_cfg.get("norm", "Linf")
     eps_text = eps if eps is not None else (old.get("eps") or attack_cfg.get("eps") or data.meta.eps)
     eps_float = eps_value(eps_text, norm)
+    return model, data, norm, eps_float, old
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    attacks: Sequence[str] = DEFAULT_ATTACKS,
+    eps: Optional[float | str] = None,
+    n: int = 1000,
+    batch_size: int = 256,
+    certify: Sequence[str] = (),
+    transfer_from: Optional[str | Path] = None,
+    device: str = "auto",
+    seed: int = 0,
+    progress: bool = True,
+    interval: str = "wilson",
+) -> dict:
+    """Evaluate the model of a run directory on the first n test images of its dataset, at the run's eps
+    unless told; write metrics.json (the training section kept), per_image.csv, report.md and plots/, return
+    the metrics."""
+    from robustnas.report import write_run_report
+    from robustnas.rundir import atomic_write_text, write_json
+    from robustnas.training import resolve_device
+
+    run_dir = Path(run_dir)
+    for a in attacks:
+        get_attack(a)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserError(f"n must be a positive number of test images, got {n!r}")
+    if interval not in INTERVALS:
+        raise UserError(f"unknown interval {interval!r}; use one of {', '.join(INTERVALS)}")
+    dev = resolve_device(device)
+    model, data, norm, eps_float, old = _setup(run_dir, dev, eps)
     surrogate = None
     if transfer_from is not None:
         surrogate, _ = _load(Path(transfer_from), str(dev))
@@ -599,3 +607,36 @@ def evaluate_run(
     write_run_report(run_dir, merged)
     write_json(run_dir / "metrics.json", merged)
     return merged
+
+
+def extend_per_image(run_dir: str | Path, count: int, batch_size: int = 256, device: str = "auto",
+                     seed: int = 0) -> int:
+    """Attack the next `count` test images (after those in per_image.csv) with the attacks the file holds
+    and append their rows: sequential evaluation grows a run's paired results in chunks. metrics.json (and
+    its sanity checks) stay those of the first evaluation. Returns the number of rows now in the file."""
+    from rich.progress import Progress as Bar
+
+    from robustnas.training import resolve_device
+
+    run_dir = Path(run_dir)
+    table = read_per_image(run_dir)
+    if table is None:
+        raise UserError(f"{run_dir} has no {PER_IMAGE}: run `robustnas evaluate {run_dir}` first")
+    dev = resolve_device(device)
+    model, data, norm, eps, _ = _setup(run_dir, dev, None)
+    start = int(table["index"].max()) + 1
+    x, y = data.test.x[start:start + count].to(dev), data.test.y[start:start + count].to(dev)
+    if len(x) == 0:
+        return len(table["index"])
+    model.to(dev)
+    names = [c for c in table if c not in ("index", "label", "clean")]
+    if "transfer" in names:
+        raise UserError(f"{run_dir} was evaluated with the transfer attack, which sequential evaluation cannot "
+                        f"extend (no surrogate); drop it from the attacks")
+    runner = AttackRunner(model, x, y, eps, norm, batch_size, seed, Bar(disable=True), None, [], {})
+    new = {"clean": runner.clean, **{k: runner.run(k) for k in names}}
+    old = {c: torch.as_tensor(table[c]) for c in ("clean", *names)}
+    labels = torch.cat([torch.as_tensor(table["label"]), y.cpu()])
+    merged = {c: torch.cat([old[c], new[c].cpu()]) for c in old}
+    write_per_image(run_dir, labels, merged, first_index=int(table["index"][0]))
+    return len(labels)

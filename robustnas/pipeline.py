@@ -299,6 +299,8 @@ def benchmark_run(cmd: BenchmarkCommand, resume: bool = False, progress: bool = 
             raise UserError(f"baseline {arch!r} is not a hand-crafted model; use one of {', '.join(list_models())}")
     seeds = cmd.seed_list()
     out = Path(cmd.out) if cmd.out else Path("runs") / cmd.name
+    chunk = cmd.sequential_chunk
+    first_eval = cmd.evaluate.model_copy(update={"n": min(chunk, cmd.evaluate.n)}) if chunk else cmd.evaluate
 
     def member_dir(name: str, seed: int) -> Path:  # one seed keeps the layout of single-seed benchmarks
         return out / (name if len(seeds) == 1 else f"{name}-s{seed}")
@@ -316,7 +318,7 @@ def benchmark_run(cmd: BenchmarkCommand, resume: bool = False, progress: bool = 
         for seed in seeds:
             rc = RunCommand(name=method, seed=seed, device=cmd.device, out=str(member_dir(method, seed)),
                             data=cmd.data, method=method, search=settings, final=final, train=cmd.train,
-                            evaluate=cmd.evaluate, baseline={"arch": None})
+                            evaluate=first_eval, baseline={"arch": None})
             final_network_size(rc, strategy)  # a clash is reported before anything runs
             runs.append((method, rc))
     if out.exists() and any(out.iterdir()) and not resume:
@@ -336,7 +338,7 @@ def benchmark_run(cmd: BenchmarkCommand, resume: bool = False, progress: bool = 
         for seed in seeds:
             data = load_data(cmd.data, seed)
             rc = resolved(RunCommand(name="baseline", seed=seed, device=cmd.device, data=cmd.data,
-                                     train=cmd.train, evaluate=cmd.evaluate), data)
+                                     train=cmd.train, evaluate=first_eval), data)
             for arch in cmd.baselines:
                 bout = member_dir(f"baseline-{arch}", seed)
                 if not _finished(bout, "reliable"):
@@ -344,7 +346,54 @@ def benchmark_run(cmd: BenchmarkCommand, resume: bool = False, progress: bool = 
                                    params=budget, at_most=True)
                 dirs.append(bout)
                 labels.append(f"{arch} (hand-crafted)")
-    return compare_runs(dirs, out, labels, title=f"{cmd.name}: every method at {cmd.budget} parameters")
+    stops = None
+    if chunk:
+        stops = sequential_evaluation(dirs, labels, chunk, cmd.evaluate.n, batch_size=cmd.evaluate.batch_size,
+                                      device=cmd.device, seed=cmd.seed)
+    return compare_runs(dirs, out, labels, title=f"{cmd.name}: every method at {cmd.budget} parameters",
+                        sequential=stops)
+
+
+def sequential_evaluation(dirs: list[Path], labels: list[str], chunk: int, max_n: int, batch_size: int = 256,
+                          device: str = "auto", seed: int = 0) -> list[dict]:
+    """Grow the members' per-image results `chunk` test images at a time (evaluate.extend_per_image) while
+    some pair's interval still holds zero and it has fewer than `max_n` images; a pair whose interval
+    excludes zero stops (early), as does one at `max_n` or out of test images. Returns each pair's stop:
+    {"a", "b", "n", "early", "why"}."""
+    from robustnas.compare import load_entry, paired_analysis
+    from robustnas.evaluate import extend_per_image, read_per_image
+
+    stops: dict[tuple[str, str], dict] = {}
+    rows = {d: len(read_per_image(d)["index"]) for d in dirs}
+    while True:
+        paired = paired_analysis([load_entry(d, lab) for d, lab in zip(dirs, labels)])
+        grow: set[str] = set()
+        for pr in paired["pairs"]:
+            key = tuple(sorted((pr["a"], pr["b"])))
+            if key in stops:
+                continue
+            if pr["excludes_zero"]:
+                stops[key] = {"a": key[0], "b": key[1], "n": pr["n"], "early": pr["n"] < max_n,
+                              "why": f"its interval [{pr['low']:+.3f}, {pr['high']:+.3f}] excludes zero"}
+            elif pr["n"] >= max_n:
+                stops[key] = {"a": key[0], "b": key[1], "n": pr["n"], "early": False,
+                              "why": f"reached the maximum n={max_n} with zero inside its interval"}
+            else:
+                grow |= {pr["a"], pr["b"]}
+        todo = [d for d, lab in zip(dirs, labels) if lab in grow and rows[d] < max_n]
+        grown = False
+        for d in todo:
+            before = rows[d]
+            rows[d] = extend_per_image(d, min(chunk, max_n - rows[d]), batch_size=batch_size, device=device,
+                                       seed=seed)
+            grown |= rows[d] > before
+        if not grown:
+            break
+    for pr in paired["pairs"]:
+        key = tuple(sorted((pr["a"], pr["b"])))
+        stops.setdefault(key, {"a": key[0], "b": key[1], "n": pr["n"], "early": pr["n"] < max_n,
+                               "why": "the test set has no more images"})
+    return list(stops.values())
 
 
 # ------------------------------------------------------------------------------------------ benchmark --plan

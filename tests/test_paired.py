@@ -191,3 +191,43 @@ def test_evaluate_takes_the_exact_interval_and_refuses_an_unknown_one(runs, tmp_
     assert m["intervals"]["method"] == "exact" and m["intervals"]["clean_acc"] == pytest.approx([ci.low, ci.high])
     with pytest.raises(UserError, match="unknown interval"):
         evaluate_run(run, attacks=("fgsm",), n=20, device="cpu", progress=False, interval="wald")
+
+
+def test_compare_command_takes_labels_that_join_seeds(runs, tmp_path):
+    dirs = [str(runs["strong"]), str(runs["strong2"]), str(runs["weak"])]
+    result = CliRunner().invoke(app, ["compare", *dirs, "--out", str(tmp_path / "cmp"), "--labels", "s,s,w"])
+    assert result.exit_code == 0, result.output
+    paired = json.loads((tmp_path / "cmp" / "compare.json").read_text())["paired"]
+    assert {m["label"]: m["seeds"] for m in paired["members"]} == {"s": 2, "w": 1}
+    result = CliRunner().invoke(app, ["compare", *dirs, "--out", str(tmp_path / "cmp2"), "--labels", "s,w"])
+    assert result.exit_code == 2 and "3 run directories" in result.output
+
+
+def test_sequential_evaluation_stops_a_pair_once_its_interval_excludes_zero(runs, tmp_path):
+    import shutil
+
+    from robustnas.pipeline import sequential_evaluation
+
+    dirs = []
+    for name in ("strong", "weak", "strong2"):
+        shutil.copytree(runs[name], tmp_path / name)
+        dirs.append(tmp_path / name)
+    first = {d.name: (d / "per_image.csv").read_text() for d in dirs}
+    stops = sequential_evaluation(dirs, ["strong", "weak", "other"], chunk=20, max_n=100, device="cpu")
+    by_pair = {frozenset((q["a"], q["b"])): q for q in stops}
+    assert len(by_pair) == 3
+    rows = {d.name: len(read_per_image(d)["index"]) for d in dirs}
+    for q in by_pair.values():
+        assert q["n"] <= 100 and q["early"] == (q["n"] < 100)
+        assert "excludes zero" in q["why"] or ("maximum" in q["why"] and q["n"] == 100)
+    # the first 60 images were not attacked again: their rows are unchanged
+    for d in dirs:
+        assert (d / "per_image.csv").read_text().startswith(first[d.name])
+        t = read_per_image(d)
+        assert t["index"].tolist() == list(range(rows[d.name])) and not (t["pgd20"] & ~t["clean"]).any()
+    # a member grows only while one of its pairs is undecided
+    for d, label in zip(dirs, ["strong", "weak", "other"]):
+        assert (rows[d.name] > 60) == any(q["n"] > 60 for p, q in by_pair.items() if label in p)
+    assert by_pair[frozenset(("strong", "other"))]["n"] == 100  # two equal networks: grown to the maximum
+    res = compare_runs(dirs, tmp_path / "cmp", labels=["strong", "weak", "other"], sequential=stops)
+    assert res["paired"]["sequential"] == stops and "Sequential evaluation" in (tmp_path / "cmp" / "report.md").read_text()

@@ -12,7 +12,7 @@ def test_binomial_interval_covers_the_true_rate_at_about_its_level(method):
     rng = np.random.default_rng(0)
     hits = total = 0
     for p in (0.1, 0.35, 0.5, 0.8, 0.93):
-        for k in rng.binomial(120, p, size=400):
+        for k in rng.binomial(120, p, size=250):
             lo, hi = stats.binom_interval(int(k), 120, method)
             hits += lo <= p <= hi
             total += 1
