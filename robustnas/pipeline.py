@@ -410,8 +410,8 @@ def calibrate_search(method: str, settings: dict, data: Dataset, eps: float, nor
                      tmp: Path) -> tuple[float, object, object]:
     """Estimated seconds of a method's search: timed at 1 of each cost knob it has (epochs, batches per
     epoch, generations, candidates; warm-up stages off; after one untimed run), then once per knob at up to
-    4; the costs are taken as additive (batches multiply with epochs) and extrapolated to the real settings. Returns the estimate,
-    the calibration search's genotype and the real strategy."""
+    4; the costs are taken as additive (batches multiply with epochs) and extrapolated to the real settings.
+    Returns the estimate, the calibration search's genotype and the real strategy."""
     from robustnas.search import SearchContext, build_strategy
 
     strategy = build_strategy(method, settings)
@@ -436,8 +436,10 @@ def calibrate_search(method: str, settings: dict, data: Dataset, eps: float, nor
     for k in knobs:  # a step of up to 3 lifts the knob's cost above the timing noise
         step = min(real[k], 4) - 1
         slope[k] = max(run({k: step + 1}, k)[0] - t0, 0.0) / step if step > 0 else 0.0
-    est = (t0 + slope.get("epochs", 0.0) * (epochs - 1) + slope.get("max_batches_per_epoch", 0.0) * epochs * (per_epoch - 1)
-           + slope.get("generations", 0.0) * (getattr(cfg, "generations", 1) - 1) + slope.get("n", 0.0) * (getattr(cfg, "n", 1) - 1))
+    # an epoch step adds an epoch of one batch; the other batches come with every epoch
+    extra = {"epochs": epochs - 1, "max_batches_per_epoch": epochs * (per_epoch - 1),
+             "generations": real["generations"] - 1, "n": real["n"] - 1}
+    est = t0 + sum(slope[k] * extra[k] for k in knobs)
     return est, result.genotype, strategy
 
 

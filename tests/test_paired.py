@@ -230,4 +230,5 @@ def test_sequential_evaluation_stops_a_pair_once_its_interval_excludes_zero(runs
         assert (rows[d.name] > 60) == any(q["n"] > 60 for p, q in by_pair.items() if label in p)
     assert by_pair[frozenset(("strong", "other"))]["n"] == 100  # two equal networks: grown to the maximum
     res = compare_runs(dirs, tmp_path / "cmp", labels=["strong", "weak", "other"], sequential=stops)
-    assert res["paired"]["sequential"] == stops and "Sequential evaluation" in (tmp_path / "cmp" / "report.md").read_text()
+    assert res["paired"]["sequential"] == stops
+    assert "Sequential evaluation" in (tmp_path / "cmp" / "report.md").read_text()
