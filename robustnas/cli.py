@@ -294,8 +294,9 @@ def _print_plan(p: dict) -> None:
 
 def _print_comparison(result: dict) -> None:
     table = Table("model", "clean", "PGD-20", "AutoAttack", "HRS", "params")
+    labels = [e["label"] for e in result["entries"]]
     for e in result["entries"]:
-        table.add_row(e["label"], *("-" if e[k] is None else f"{e[k]:.3f}" for k in ("clean_acc", "pgd20",
+        table.add_row(e["label"] + (f" (seed {e['seed']})" if labels.count(e["label"]) > 1 else ""), *("-" if e[k] is None else f"{e[k]:.3f}" for k in ("clean_acc", "pgd20",
                                                                                        "autoattack_acc", "hrs")),
                       "-" if e["params"] is None else f"{e['params']:,}")
     console.print(table)
