@@ -107,12 +107,15 @@ def evaluate(
     device: str = typer.Option("auto"),
     seed: int = typer.Option(0),
     progress: bool = typer.Option(True),
+    interval: str = typer.Option("wilson", help="95% interval of each accuracy: wilson | exact (Clopper-Pearson)"),
 ) -> None:
-    """Attack and certify a trained model; write metrics.json, report.md and plots into its run directory."""
+    """Attack and certify a trained model; write metrics.json, per_image.csv, report.md and plots into its run
+    directory."""
     from robustnas.evaluate import evaluate_run
 
     m = _run(evaluate_run, run_dir, attacks=_csv(attacks), eps=eps, n=n, batch_size=batch_size,
-             certify=_csv(certify) or (), transfer_from=transfer_from, device=device, seed=seed, progress=progress)
+             certify=_csv(certify) or (), transfer_from=transfer_from, device=device, seed=seed, progress=progress,
+             interval=interval)
     _print_metrics(run_dir, m)
 
 
@@ -231,11 +234,19 @@ def study(
 def compare(
     run_dirs: list[str] = typer.Argument(..., help="run directories with metrics.json"),
     out: str = typer.Option("runs/compare", help="where report.md, compare.json and plots/ go"),
+    labels: Optional[str] = typer.Option(None, help="comma list, one label per run directory; runs with the "
+                                                    "same label are seeds of one member"),
 ) -> None:
-    """One table and Pareto plot over finished runs, ranked by AutoAttack accuracy."""
+    """One table and Pareto plot over finished runs, ranked by AutoAttack accuracy, and paired tests on the
+    test images they share."""
     from robustnas.compare import compare_runs
 
-    result = _run(compare_runs, run_dirs, out)
+    names = _csv(labels) if labels else None
+    if names is not None and len(names) != len(run_dirs):
+        err_console.print(f"[bold red]error:[/] --labels gives {len(names)} labels for {len(run_dirs)} run "
+                          f"directories", highlight=False)
+        raise typer.Exit(2)
+    result = _run(compare_runs, run_dirs, out, names)
     _print_comparison(result)
 
 
@@ -248,20 +259,44 @@ def benchmark(
     device: Optional[str] = typer.Option(None),
     resume: bool = typer.Option(False, help="continue: finished members are not redone"),
     progress: bool = typer.Option(True),
+    plan: bool = typer.Option(False, "--plan", help="only estimate each member's wall time (short timed "
+                                                    "calibrations) and the smallest detectable difference"),
+    discordance: float = typer.Option(0.2, min=0.0, max=1.0, help="--plan: assumed share of test images on "
+                                                                 "which two members disagree"),
+    seed_sd: float = typer.Option(0.0, min=0.0, help="--plan: assumed spread (sd) of one member's accuracy "
+                                                     "across seeds"),
 ) -> None:
     """Every search method and hand-crafted baseline on the same data, budget, recipe and attacks."""
     from robustnas.config import BenchmarkCommand
-    from robustnas.pipeline import benchmark_run
+    from robustnas.pipeline import benchmark_plan, benchmark_run
 
     base = _run(load_yaml, config)
     cmd = _run(validate, BenchmarkCommand, deep_update(base, {"out": out, "seed": seed, "device": device}))
+    if plan:
+        _print_plan(_run(benchmark_plan, cmd, discordance=discordance, seed_sd=seed_sd))
+        return
     _print_comparison(_run(benchmark_run, cmd, resume=resume, progress=progress))
+
+
+def _print_plan(p: dict) -> None:
+    table = Table("member", "params", "search s", "train s", "attack s", "seeds", "total s",
+                  title=f"estimated wall time on this machine ({p['device']})")
+    for m in p["members"]:
+        table.add_row(m["label"], f"{m['params']:,}", *(f"{m[k]:.0f}" for k in ("search_s", "train_s", "attack_s")),
+                      str(m["seeds"]), f"{m['total_s']:.0f}")
+    console.print(table)
+    console.print(f"total: {p['total_s'] / 60:.1f} min for {len(p['seeds'])} seed(s) {p['seeds']}")
+    a = p["assumed"]
+    console.print(f"smallest AutoAttack difference between two members detected with {p['power']:.0%} power "
+                  f"(paired test at {p['alpha']}; assumed discordance {a['discordance']}, seed sd {a['seed_sd']}): "
+                  + ", ".join(f"{d:.3f} at n={n}" for n, d in p["detectable"].items()))
 
 
 def _print_comparison(result: dict) -> None:
     table = Table("model", "clean", "PGD-20", "AutoAttack", "HRS", "params")
+    labels = [e["label"] for e in result["entries"]]
     for e in result["entries"]:
-        table.add_row(e["label"], *("-" if e[k] is None else f"{e[k]:.3f}" for k in ("clean_acc", "pgd20",
+        table.add_row(e["label"] + (f" (seed {e['seed']})" if labels.count(e["label"]) > 1 else ""), *("-" if e[k] is None else f"{e[k]:.3f}" for k in ("clean_acc", "pgd20",
                                                                                        "autoattack_acc", "hrs")),
                       "-" if e["params"] is None else f"{e['params']:,}")
     console.print(table)

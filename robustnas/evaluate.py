@@ -31,6 +31,7 @@ from robustnas.attacks import (PYAUTOATTACK_ATTACKS, AutoAttackResult, attack_na
 from robustnas.config import format_eps, load_yaml, parse_eps
 from robustnas.errors import UserError
 from robustnas.size import count_flops, count_params
+from robustnas.stats import INTERVALS
 
 DEFAULT_ATTACKS = ("fgsm", "pgd20", "autoattack")
 CERTIFY_METHODS = ("ibp", "crown", "crown-ibp")
@@ -342,6 +343,8 @@ def evaluate_model(
     log: Optional[list[str]] = None,
     attack_options: Optional[dict[str, dict]] = None,
     sanity_n: int = 200,
+    per_image: Optional[dict[str, Tensor]] = None,
+    interval: str = "wilson",
 ) -> dict:
     """Evaluate `model` on images x (pixels in [0,1]) with labels y at radius eps; returns JSON-ready metrics.
 
@@ -350,7 +353,8 @@ def evaluate_model(
     The model is moved to `device`. `log` receives pyautoattack's log lines. `attack_options` passes
     keyword options to single attacks, e.g. {"square": {"n_queries": 1000}, "cw": {"steps": 30}}.
     The sanity checks' extra attacks at other settings (PGD-100, PGD-20 at a large eps) see only the first
-    `sanity_n` images, which bounds their cost.
+    `sanity_n` images, which bounds their cost. `per_image` receives each image's correctness (clean and per
+    asked attack); every accuracy gets a 95% `interval` ("wilson" or "exact") in metrics["intervals"].
     """
     eps = eps_value(eps, norm)
     attacks = list(attacks) + (["transfer"] if transfer_from is not None and "transfer" not in attacks else [])
@@ -449,7 +453,62 @@ def evaluate_model(
     metrics["attack_seconds"] = {k: round(v, 3) for k, v in runner.seconds.items()}
     metrics["sanity"] = {c.name: c.as_dict() for c in checks}
     metrics["reliable"] = all(c.status != "fail" for c in checks)
+    metrics["intervals"] = accuracy_intervals(metrics, interval)
+    if per_image is not None:
+        per_image.update({"clean": runner.clean.cpu(), **{k: masks[k].cpu() for k in names}})
     return metrics
+
+
+def accuracy_intervals(metrics: dict, method: str = "wilson") -> dict:
+    """95% binomial interval [low, high] of every accuracy in `metrics` (all on metrics["n"] images), keyed
+    like the accuracies themselves so that the RobustBench-shaped keys stay as they are."""
+    from robustnas.stats import LEVEL, accuracy_interval
+
+    n = metrics["n"]
+
+    def iv(acc: float) -> list[float]:
+        r = accuracy_interval(acc, n, method)
+        return [r["low"], r["high"]]
+
+    out: dict[str, Any] = {"method": method, "level": LEVEL, "n": n, "clean_acc": iv(metrics["clean_acc"]),
+                           "robust_acc": {k: iv(v) for k, v in metrics["robust_acc"].items()},
+                           "worst_case_acc": iv(metrics["worst_case_acc"])}
+    if "autoattack_acc" in metrics:
+        out["autoattack_acc"] = iv(metrics["autoattack_acc"])
+    if metrics.get("certified"):
+        out["certified"] = {k: iv(v) for k, v in metrics["certified"].items()}
+    return out
+
+
+PER_IMAGE = "per_image.csv"
+
+
+def write_per_image(run_dir: Path, y: Tensor, results: dict[str, Tensor], first_index: int = 0) -> Path:
+    """per_image.csv: one row per test image (its index in the test split, label, 1/0 clean correct and
+    robust to each attack), so later comparisons pair runs image by image without attacking them again."""
+    from robustnas.rundir import atomic_write_text
+
+    cols = list(results)
+    table = torch.stack([results[c].to(torch.int64) for c in cols], 1).tolist()
+    labels = y.cpu().tolist()
+    rows = [",".join(["index", "label", *cols])]
+    rows += [",".join(map(str, [first_index + i, labels[i], *r])) for i, r in enumerate(table)]
+    atomic_write_text(run_dir / PER_IMAGE, "\n".join(rows) + "\n")
+    return run_dir / PER_IMAGE
+
+
+def read_per_image(run_dir: Path) -> Optional[dict[str, Any]]:
+    """The columns of a run's per_image.csv as numpy arrays ("index", "label", "clean", one per attack), or
+    None for a run evaluated before the file existed."""
+    import numpy as np
+
+    path = Path(run_dir) / PER_IMAGE
+    if not path.is_file():
+        return None
+    lines = path.read_text().splitlines()
+    cols = lines[0].split(",")
+    data = np.array([ln.split(",") for ln in lines[1:]], dtype=np.int64).reshape(-1, len(cols))
+    return {c: (data[:, j] if c in ("index", "label") else data[:, j].astype(bool)) for j, c in enumerate(cols)}
 
 
 # ------------------------------------------------------------------------------------------ a run directory
@@ -471,31 +530,11 @@ def _load(run_dir: Path, device: str) -> tuple[nn.Module, dict]:
                         f"model.json: {detail}") from None
 
 
-def evaluate_run(
-    run_dir: str | Path,
-    attacks: Sequence[str] = DEFAULT_ATTACKS,
-    eps: Optional[float | str] = None,
-    n: int = 1000,
-    batch_size: int = 256,
-    certify: Sequence[str] = (),
-    transfer_from: Optional[str | Path] = None,
-    device: str = "auto",
-    seed: int = 0,
-    progress: bool = True,
-) -> dict:
-    """Evaluate the model of a run directory on the first n test images of its dataset, at the run's eps
-    unless told; write metrics.json (the training section kept), report.md and plots/, return the metrics."""
+def _setup(run_dir: Path, dev: torch.device, eps: Optional[float | str]) -> tuple[nn.Module, Any, str, float, dict]:
+    """A run directory's model, dataset, norm, eps (the run's unless given) and the metrics.json it holds."""
     from robustnas.data import load_dataset
-    from robustnas.report import write_run_report
-    from robustnas.rundir import atomic_write_text, read_json, write_json
-    from robustnas.training import resolve_device
+    from robustnas.rundir import read_json
 
-    run_dir = Path(run_dir)
-    for a in attacks:
-        get_attack(a)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise UserError(f"n must be a positive number of test images, got {n!r}")
-    dev = resolve_device(device)
     model, spec = _load(run_dir, str(dev))
     cfg = _run_config(run_dir)
     old = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").exists() else {}
@@ -513,6 +552,38 @@ def evaluate_run(
     norm = attack_cfg.get("norm", "Linf")
     eps_text = eps if eps is not None else (old.get("eps") or attack_cfg.get("eps") or data.meta.eps)
     eps_float = eps_value(eps_text, norm)
+    return model, data, norm, eps_float, old
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    attacks: Sequence[str] = DEFAULT_ATTACKS,
+    eps: Optional[float | str] = None,
+    n: int = 1000,
+    batch_size: int = 256,
+    certify: Sequence[str] = (),
+    transfer_from: Optional[str | Path] = None,
+    device: str = "auto",
+    seed: int = 0,
+    progress: bool = True,
+    interval: str = "wilson",
+) -> dict:
+    """Evaluate the model of a run directory on the first n test images of its dataset, at the run's eps
+    unless told; write metrics.json (the training section kept), per_image.csv, report.md and plots/, return
+    the metrics."""
+    from robustnas.report import write_run_report
+    from robustnas.rundir import atomic_write_text, write_json
+    from robustnas.training import resolve_device
+
+    run_dir = Path(run_dir)
+    for a in attacks:
+        get_attack(a)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserError(f"n must be a positive number of test images, got {n!r}")
+    if interval not in INTERVALS:
+        raise UserError(f"unknown interval {interval!r}; use one of {', '.join(INTERVALS)}")
+    dev = resolve_device(device)
+    model, data, norm, eps_float, old = _setup(run_dir, dev, eps)
     surrogate = None
     if transfer_from is not None:
         surrogate, _ = _load(Path(transfer_from), str(dev))
@@ -521,15 +592,51 @@ def evaluate_run(
     x, y = data.test.x[:n], data.test.y[:n]
 
     log: list[str] = []
+    per_image: dict[str, Tensor] = {}
     metrics = evaluate_model(model, x, y, eps_float, attacks=attacks, norm=norm, certify=certify,
                              transfer_from=surrogate, batch_size=batch_size, device=dev, seed=seed,
-                             progress=progress, dataset_meta=data.meta, log=log)
+                             progress=progress, dataset_meta=data.meta, log=log, per_image=per_image,
+                             interval=interval)
     if transfer_from is not None:
         metrics["transfer_from"] = str(transfer_from)
     metrics["dataset"] = data.meta.name
     merged = {**old, **metrics}  # the training section (and anything else already there) is kept
     if log:
         atomic_write_text(run_dir / "evaluate.log", "\n".join(log) + "\n")
+    merged["per_image"] = write_per_image(run_dir, y, per_image).name
     write_run_report(run_dir, merged)
     write_json(run_dir / "metrics.json", merged)
     return merged
+
+
+def extend_per_image(run_dir: str | Path, count: int, batch_size: int = 256, device: str = "auto",
+                     seed: int = 0) -> int:
+    """Attack the next `count` test images (after those in per_image.csv) with the attacks the file holds
+    and append their rows: sequential evaluation grows a run's paired results in chunks. metrics.json (and
+    its sanity checks) stay those of the first evaluation. Returns the number of rows now in the file."""
+    from rich.progress import Progress as Bar
+
+    from robustnas.training import resolve_device
+
+    run_dir = Path(run_dir)
+    table = read_per_image(run_dir)
+    if table is None:
+        raise UserError(f"{run_dir} has no {PER_IMAGE}: run `robustnas evaluate {run_dir}` first")
+    dev = resolve_device(device)
+    model, data, norm, eps, _ = _setup(run_dir, dev, None)
+    start = int(table["index"].max()) + 1
+    x, y = data.test.x[start:start + count].to(dev), data.test.y[start:start + count].to(dev)
+    if len(x) == 0:
+        return len(table["index"])
+    model.to(dev)
+    names = [c for c in table if c not in ("index", "label", "clean")]
+    if "transfer" in names:
+        raise UserError(f"{run_dir} was evaluated with the transfer attack, which sequential evaluation cannot "
+                        f"extend (no surrogate); drop it from the attacks")
+    runner = AttackRunner(model, x, y, eps, norm, batch_size, seed, Bar(disable=True), None, [], {})
+    new = {"clean": runner.clean, **{k: runner.run(k) for k in names}}
+    old = {c: torch.as_tensor(table[c]) for c in ("clean", *names)}
+    labels = torch.cat([torch.as_tensor(table["label"]), y.cpu()])
+    merged = {c: torch.cat([old[c], new[c].cpu()]) for c in old}
+    write_per_image(run_dir, labels, merged, first_index=int(table["index"][0]))
+    return len(labels)

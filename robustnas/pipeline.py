@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -179,7 +180,7 @@ def train_evaluate(out: Path, arch: str, data: Dataset, cmd, device: torch.devic
                progress=progress, test_n=0)  # evaluate_run measures the test set next
     ev = cmd.evaluate
     metrics = evaluate_run(out, attacks=ev.attacks, n=ev.n, batch_size=ev.batch_size, certify=ev.certify,
-                           device=str(device), seed=cmd.seed, progress=progress)
+                           device=str(device), seed=cmd.seed, progress=progress, interval=ev.interval)
     archive_evaluation("train", out, metrics, {**cmd.model_dump(mode="json"), "arch": arch, **(record or {})},
                        method=method)
     return metrics
@@ -247,7 +248,7 @@ def run_pipeline(cmd: RunCommand, resume: bool = False, progress: bool = True) -
     train_into(out, model, spec, data, cmd.train, seed=cmd.seed, device=device, resume=resume,
                progress=progress, test_n=0)  # evaluate_run measures the test set next
     searched = evaluate_run(out, attacks=ev.attacks, n=ev.n, batch_size=ev.batch_size, certify=ev.certify,
-                            device=str(device), seed=cmd.seed, progress=progress)
+                            device=str(device), seed=cmd.seed, progress=progress, interval=ev.interval)
     searched["search_seconds"] = search_seconds
     searched["search_method"] = cmd.method
 
@@ -280,7 +281,9 @@ def benchmark_run(cmd: BenchmarkCommand, resume: bool = False, progress: bool = 
     A DARTS-space method's final network gets the C that meets the budget; a method whose search fixes
     the final size (LRNAS, TAM-NAS) gets the budget as its own `max_params` instead. Finished members
     (metrics.json written by their last step) are skipped, so an interrupted benchmark continues with
-    --resume."""
+    --resume, and a member added to the config later is paired with the stored per-image results of the
+    others without attacking them again. With several `seeds` every member is searched and trained once
+    per seed (`<member>-s<seed>/`) and the comparison treats the seeds as one member."""
     from robustnas.compare import compare_runs
     from robustnas.evaluate import get_attack
     from robustnas.models import list_models
@@ -294,8 +297,15 @@ def benchmark_run(cmd: BenchmarkCommand, resume: bool = False, progress: bool = 
     for arch in cmd.baselines:
         if arch not in list_models():
             raise UserError(f"baseline {arch!r} is not a hand-crafted model; use one of {', '.join(list_models())}")
-    runs: list[tuple[str, RunCommand]] = []
+    seeds = cmd.seed_list()
     out = Path(cmd.out) if cmd.out else Path("runs") / cmd.name
+    chunk = cmd.sequential_chunk
+    first_eval = cmd.evaluate.model_copy(update={"n": min(chunk, cmd.evaluate.n)}) if chunk else cmd.evaluate
+
+    def member_dir(name: str, seed: int) -> Path:  # one seed keeps the layout of single-seed benchmarks
+        return out / (name if len(seeds) == 1 else f"{name}-s{seed}")
+
+    runs: list[tuple[str, RunCommand]] = []
     for method, settings in cmd.methods.items():
         settings = dict(settings or {})
         strategy = build_strategy(method, settings)
@@ -305,11 +315,12 @@ def benchmark_run(cmd: BenchmarkCommand, resume: bool = False, progress: bool = 
             strategy = build_strategy(method, settings)
         final = {} if fixes_size else {"params": cmd.budget, "layers": cmd.layers,
                                        "reduction_layers": cmd.reduction_layers}
-        rc = RunCommand(name=method, seed=cmd.seed, device=cmd.device, out=str(out / method), data=cmd.data,
-                        method=method, search=settings, final=final, train=cmd.train, evaluate=cmd.evaluate,
-                        baseline={"arch": None})
-        final_network_size(rc, strategy)  # a clash is reported before anything runs
-        runs.append((method, rc))
+        for seed in seeds:
+            rc = RunCommand(name=method, seed=seed, device=cmd.device, out=str(member_dir(method, seed)),
+                            data=cmd.data, method=method, search=settings, final=final, train=cmd.train,
+                            evaluate=first_eval, baseline={"arch": None})
+            final_network_size(rc, strategy)  # a clash is reported before anything runs
+            runs.append((method, rc))
     if out.exists() and any(out.iterdir()) and not resume:
         raise UserError(f"benchmark directory {out} already exists: pass --resume to continue it, or another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -324,14 +335,201 @@ def benchmark_run(cmd: BenchmarkCommand, resume: bool = False, progress: bool = 
         labels.append(method)
     if cmd.baselines:
         device = resolve_device(cmd.device)
-        data = load_data(cmd.data, cmd.seed)
-        rc = resolved(RunCommand(name="baseline", seed=cmd.seed, device=cmd.device, data=cmd.data,
-                                 train=cmd.train, evaluate=cmd.evaluate), data)
+        for seed in seeds:
+            data = load_data(cmd.data, seed)
+            rc = resolved(RunCommand(name="baseline", seed=seed, device=cmd.device, data=cmd.data,
+                                     train=cmd.train, evaluate=first_eval), data)
+            for arch in cmd.baselines:
+                bout = member_dir(f"baseline-{arch}", seed)
+                if not _finished(bout, "reliable"):
+                    train_evaluate(bout, arch, data, rc, device, resume=resume or bout.exists(), progress=progress,
+                                   params=budget, at_most=True)
+                dirs.append(bout)
+                labels.append(f"{arch} (hand-crafted)")
+    stops = None
+    if chunk:
+        stops = sequential_evaluation(dirs, labels, chunk, cmd.evaluate.n, batch_size=cmd.evaluate.batch_size,
+                                      device=cmd.device, seed=cmd.seed)
+    return compare_runs(dirs, out, labels, title=f"{cmd.name}: every method at {cmd.budget} parameters",
+                        sequential=stops)
+
+
+def sequential_evaluation(dirs: list[Path], labels: list[str], chunk: int, max_n: int, batch_size: int = 256,
+                          device: str = "auto", seed: int = 0) -> list[dict]:
+    """Grow the members' per-image results `chunk` test images at a time (evaluate.extend_per_image) while
+    some pair's interval still holds zero and it has fewer than `max_n` images; a pair whose interval
+    excludes zero stops (early), as does one at `max_n` or out of test images. Returns each pair's stop:
+    {"a", "b", "n", "early", "why"}."""
+    from robustnas.compare import load_entry, paired_analysis
+    from robustnas.evaluate import extend_per_image, read_per_image
+
+    stops: dict[tuple[str, str], dict] = {}
+    rows = {d: len(read_per_image(d)["index"]) for d in dirs}
+    while True:
+        paired = paired_analysis([load_entry(d, lab) for d, lab in zip(dirs, labels)])
+        grow: set[str] = set()
+        for pr in paired["pairs"]:
+            key = tuple(sorted((pr["a"], pr["b"])))
+            if key in stops:
+                continue
+            if pr["excludes_zero"]:
+                stops[key] = {"a": key[0], "b": key[1], "n": pr["n"], "early": pr["n"] < max_n,
+                              "why": f"its interval [{pr['low']:+.3f}, {pr['high']:+.3f}] excludes zero"}
+            elif pr["n"] >= max_n:
+                stops[key] = {"a": key[0], "b": key[1], "n": pr["n"], "early": False,
+                              "why": f"reached the maximum n={max_n} with zero inside its interval"}
+            else:
+                grow |= {pr["a"], pr["b"]}
+        todo = [d for d, lab in zip(dirs, labels) if lab in grow and rows[d] < max_n]
+        grown = False
+        for d in todo:
+            before = rows[d]
+            rows[d] = extend_per_image(d, min(chunk, max_n - rows[d]), batch_size=batch_size, device=device,
+                                       seed=seed)
+            grown |= rows[d] > before
+        if not grown:
+            break
+    for pr in paired["pairs"]:
+        key = tuple(sorted((pr["a"], pr["b"])))
+        stops.setdefault(key, {"a": key[0], "b": key[1], "n": pr["n"], "early": pr["n"] < max_n,
+                               "why": "the test set has no more images"})
+    return list(stops.values())
+
+
+# ------------------------------------------------------------------------------------------ benchmark --plan
+PLAN_KNOBS = ("epochs", "max_batches_per_epoch", "generations", "n")  # a search's cost grows with these
+
+
+def _timed(fn, *args, **kw) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn(*args, **kw)
+    return time.perf_counter() - t0, out
+
+
+def calibrate_search(method: str, settings: dict, data: Dataset, eps: float, norm: str, device, seed: int,
+                     tmp: Path) -> tuple[float, object, object]:
+    """Estimated seconds of a method's search: timed at 1 of each cost knob it has (epochs, batches per
+    epoch, generations, candidates; warm-up stages off; after one untimed run), then once per knob at up to
+    4; the costs are taken as additive (batches multiply with epochs) and extrapolated to the real settings.
+    Returns the estimate, the calibration search's genotype and the real strategy."""
+    from robustnas.search import SearchContext, build_strategy
+
+    strategy = build_strategy(method, settings)
+    cfg, fields = strategy.cfg, type(strategy.cfg).model_fields
+    knobs = [k for k in PLAN_KNOBS if k in fields]
+    base = {**settings, **{k: 1 for k in knobs}, **{k: 0 for k in ("warmup_epochs", "adv_only_epochs") if k in fields}}
+
+    def run(over: dict, tag: str):
+        ctx = SearchContext(data=data, eps=eps, norm=norm, device=device, seed=seed, out_dir=tmp / f"{method}-{tag}",
+                            progress=False)
+        torch.manual_seed(seed)
+        return _timed(build_strategy(method, {**base, **over}).search, ctx)
+
+    epochs = getattr(cfg, "epochs", 1)
+    per_epoch = getattr(cfg, "max_batches_per_epoch", None) or math.ceil(
+        len(data.train) * getattr(cfg, "train_portion", 1.0) / getattr(cfg, "batch_size", 1))
+    real = {"epochs": epochs, "max_batches_per_epoch": per_epoch, "generations": getattr(cfg, "generations", 1),
+            "n": getattr(cfg, "n", 1)}
+    run({}, "warmup")  # first calls (imports, allocations) would count as set-up cost
+    t0, result = run({}, "base")
+    slope = {}
+    for k in knobs:  # a step of up to 3 lifts the knob's cost above the timing noise
+        step = min(real[k], 4) - 1
+        slope[k] = max(run({k: step + 1}, k)[0] - t0, 0.0) / step if step > 0 else 0.0
+    # an epoch step adds an epoch of one batch; the other batches come with every epoch
+    extra = {"epochs": epochs - 1, "max_batches_per_epoch": epochs * (per_epoch - 1),
+             "generations": real["generations"] - 1, "n": real["n"] - 1}
+    est = t0 + sum(slope[k] * extra[k] for k in knobs)
+    return est, result.genotype, strategy
+
+
+def calibrate_train(model: torch.nn.Module, data: Dataset, train: TrainConfig, eps: float, device, seed: int) -> float:
+    """Estimated seconds of training `model` with `train`: one epoch timed on 2 and on 4 batches gives the
+    cost of a batch and of the per-epoch validation."""
+    from robustnas.data import Dataset as DS
+
+    cfg = train.model_copy(update={"epochs": 1})
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    times = []
+    for k in (2, 4):
+        model.load_state_dict(state)
+        part = DS(meta=data.meta, train=data.train.head(k * cfg.batch_size), val=data.val, test=data.test)
+        times.append(_timed(Trainer(model, part, cfg, eps, seed=seed, device=device, progress=False).fit)[0])
+    model.load_state_dict(state)
+    per_batch = max(times[1] - times[0], 0.0) / 2
+    per_val = max(times[0] - 2 * per_batch, 0.0)
+    return train.epochs * (math.ceil(len(data.train) / train.batch_size) * per_batch + per_val)
+
+
+def calibrate_attack(model: torch.nn.Module, data: Dataset, cmd: BenchmarkCommand, eps: float, device, seed: int,
+                     m: int = 50) -> float:
+    """Estimated seconds of `evaluate` on cmd.evaluate.n images: the whole evaluation (attacks, sanity checks,
+    certification) timed on m images and scaled by n / m (the sanity checks' capped extra attacks make this
+    an upper estimate past 200 images)."""
+    from robustnas.evaluate import evaluate_model
+
+    ev = cmd.evaluate
+    m = min(m, ev.n, len(data.test))
+    t, _ = _timed(evaluate_model, model, data.test.x[:m], data.test.y[:m], eps, attacks=ev.attacks,
+                  norm=cmd.train.attack.norm, certify=ev.certify, batch_size=ev.batch_size, device=device, seed=seed,
+                  progress=False, sanity_n=m)
+    return t * ev.n / m
+
+
+def benchmark_plan(cmd: BenchmarkCommand, discordance: float = 0.2, seed_sd: float = 0.0, alpha: float = 0.05,
+                   power: float = 0.8) -> dict:
+    """Before any work: each member's estimated wall time on this machine (search, training, attack, times the
+    seeds) from short timed calibrations, and the smallest AutoAttack difference between two members that the
+    chosen test images and seeds detect with `power` (stats.detectable_difference; `discordance` and `seed_sd`
+    are assumptions the user states). Writes nothing under the benchmark's directory."""
+    import tempfile
+
+    from robustnas.evaluate import get_attack
+    from robustnas.models import list_models
+    from robustnas.stats import detectable_difference
+
+    for a in cmd.evaluate.attacks:
+        get_attack(a)
+    for arch in cmd.baselines:
+        if arch not in list_models():
+            raise UserError(f"baseline {arch!r} is not a hand-crafted model; use one of {', '.join(list_models())}")
+    device = resolve_device(cmd.device)
+    data = load_data(cmd.data, cmd.seed)
+    eps = parse_eps(cmd.train.attack.eps if cmd.train.attack.eps is not None else data.meta.eps)
+    budget = parse_count(cmd.budget)
+    seeds = cmd.seed_list()
+    members = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for method, settings in cmd.methods.items():
+            from robustnas.search import build_strategy
+
+            settings = dict(settings or {})
+            strategy = build_strategy(method, settings)
+            if hasattr(strategy, "final_size") and "max_params" in type(strategy.cfg).model_fields:
+                settings.setdefault("max_params", cmd.budget)
+            search_s, genotype, strategy = calibrate_search(method, settings, data, eps, cmd.train.attack.norm,
+                                                            device, cmd.seed, tmp)
+            final = {} if hasattr(strategy, "final_size") else {"params": cmd.budget, "layers": cmd.layers,
+                                                                 "reduction_layers": cmd.reduction_layers}
+            rc = RunCommand(name=method, method=method, search=settings, final=final)
+            torch.manual_seed(cmd.seed)
+            model, _ = build_arch(str(_save_genotype(tmp / f"{method}-base", genotype)), data.meta,
+                                  **final_network_size(rc, strategy))
+            members.append({"label": method, "search_s": search_s, "model": model})
         for arch in cmd.baselines:
-            bout = out / f"baseline-{arch}"
-            if not _finished(bout, "reliable"):
-                train_evaluate(bout, arch, data, rc, device, resume=resume or bout.exists(), progress=progress,
-                               params=budget, at_most=True)
-            dirs.append(bout)
-            labels.append(f"{arch} (hand-crafted)")
-    return compare_runs(dirs, out, labels, title=f"{cmd.name}: every method at {cmd.budget} parameters")
+            torch.manual_seed(cmd.seed)
+            model, _ = build_arch(arch, data.meta, params=budget, at_most=True)
+            members.append({"label": f"{arch} (hand-crafted)", "search_s": 0.0, "model": model})
+        for mem in members:
+            model = mem.pop("model")
+            mem["params"] = count_params(model)
+            mem["train_s"] = calibrate_train(model, data, cmd.train, eps, device, cmd.seed)
+            mem["attack_s"] = calibrate_attack(model, data, cmd, eps, device, cmd.seed)
+            mem["seeds"] = len(seeds)
+            mem["total_s"] = len(seeds) * (mem["search_s"] + mem["train_s"] + mem["attack_s"])
+    n = cmd.evaluate.n
+    detect = {k: detectable_difference(k, len(seeds), discordance, seed_sd, alpha, power) for k in (n, 2 * n, 4 * n)}
+    return {"members": members, "total_s": sum(m["total_s"] for m in members), "n": n, "seeds": seeds,
+            "detectable": detect, "assumed": {"discordance": discordance, "seed_sd": seed_sd},
+            "alpha": alpha, "power": power, "device": str(device)}

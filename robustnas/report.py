@@ -89,19 +89,26 @@ def render_markdown(metrics: dict, title: str = "Evaluation", plot: str | None =
                   "do not report them.", ""]
     lines += [f"Dataset **{m.get('dataset', '?')}**, {m.get('norm', 'Linf')} eps **{m['eps']}**, "
               f"first **{m['n']}** test images, seed {m.get('seed', 0)}.", ""]
-    lines += ["| measure | value |", "|---|---|", f"| clean accuracy | {m['clean_acc']:.4f} |"]
+    iv = m.get("intervals") or {}
+
+    def ci(value) -> str:  # an accuracy's interval column ("-" for a run evaluated before intervals)
+        return f"[{value[0]:.4f}, {value[1]:.4f}]" if value else "-"
+
+    level = f"{iv.get('level', 0.95):.0%} interval ({iv.get('method', 'wilson')}, n={m['n']})"
+    lines += [f"| measure | value | {level} |", "|---|---|---|",
+              f"| clean accuracy | {m['clean_acc']:.4f} | {ci(iv.get('clean_acc'))} |"]
     for k, v in m["robust_acc"].items():
-        lines.append(f"| {_title(k)} | {v:.4f} |")
+        lines.append(f"| {_title(k)} | {v:.4f} | {ci((iv.get('robust_acc') or {}).get(k))} |")
     if "worst_case_acc" in m:
-        lines.append(f"| worst case over these attacks | {m['worst_case_acc']:.4f} |")
+        lines.append(f"| worst case over these attacks | {m['worst_case_acc']:.4f} | {ci(iv.get('worst_case_acc'))} |")
     for k, v in (m.get("certified") or {}).items():
-        lines.append(f"| certified ({k}) | {v:.4f} |")
+        lines.append(f"| certified ({k}) | {v:.4f} | {ci((iv.get('certified') or {}).get(k))} |")
     for k, v in (m.get("certified_radius") or {}).items():
-        lines.append(f"| mean certified radius ({k}, capped at {m.get('certified_radius_max')}) | {v:.4f} |")
-    lines.append(f"| HRS (clean vs {_title(m['hrs_robust_from'])}) | {m['hrs']:.4f} |")
-    lines.append(f"| parameters | {m['params']:,} |")
-    lines.append(f"| FLOPs per image | {m['flops']:,} |")
-    lines.append(f"| CPU latency per image (batch 1, median) | {m['latency_ms_per_image']:.3f} ms |")
+        lines.append(f"| mean certified radius ({k}, capped at {m.get('certified_radius_max')}) | {v:.4f} | |")
+    lines.append(f"| HRS (clean vs {_title(m['hrs_robust_from'])}) | {m['hrs']:.4f} | |")
+    lines.append(f"| parameters | {m['params']:,} | |")
+    lines.append(f"| FLOPs per image | {m['flops']:,} | |")
+    lines.append(f"| CPU latency per image (batch 1, median) | {m['latency_ms_per_image']:.3f} ms | |")
     lines.append("")
     comps = (m.get("autoattack") or {}).get("components")
     if comps:

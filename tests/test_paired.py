@@ -1,0 +1,234 @@
+"""Per-image results, intervals in metrics.json, and paired comparisons (compare / benchmark) on digits."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from scipy.stats import binomtest
+from typer.testing import CliRunner
+
+from robustnas.cli import app
+from robustnas.compare import compare_runs
+from robustnas.config import TrainCommand, to_yaml
+from robustnas.evaluate import evaluate_run, read_per_image
+from robustnas.models import build_model
+from robustnas.rundir import atomic_write_text, save_model, write_json
+
+ATTACKS = ("fgsm", "pgd20")
+
+
+def make_run(path, data, width, epochs, seed=0):
+    """A small CNN trained normally for `epochs` epochs, saved as a run directory and evaluated on 60 images."""
+    m = data.meta
+    torch.manual_seed(seed)
+    model = build_model("cnn", m.num_classes, m.shape, m.mean, m.std, width=width)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(epochs):
+        for i in range(0, len(data.train.y), 64):
+            loss = F.cross_entropy(model(data.train.x[i:i + 64]), data.train.y[i:i + 64])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    save_model(path, model.eval(), {"kind": "handcrafted", "config": model.config})
+    cmd = TrainCommand.model_validate({"seed": seed, "data": {"dataset": "digits", "subset": 200},
+                                       "model": {"arch": "cnn"}, "train": {"attack": {"eps": "0.1"}}})
+    atomic_write_text(path / "config.yaml", to_yaml(cmd))
+    evaluate_run(path, attacks=ATTACKS, n=60, batch_size=64, device="cpu", progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data):
+    tmp = tmp_path_factory.mktemp("paired")
+    return {"strong": make_run(tmp / "strong", data, 0.5, 4), "weak": make_run(tmp / "weak", data, 0.25, 1),
+            "strong2": make_run(tmp / "strong2", data, 0.5, 4, seed=1)}
+
+
+def test_evaluate_writes_per_image_results_that_agree_with_metrics_and_intervals(runs):
+    run = runs["strong"]
+    m = json.loads((run / "metrics.json").read_text())
+    table = read_per_image(run)
+    assert m["per_image"] == "per_image.csv" and list(table) == ["index", "label", "clean", *ATTACKS]
+    assert table["index"].tolist() == list(range(60))
+    assert table["clean"].mean() == pytest.approx(m["clean_acc"])
+    for a in ATTACKS:
+        assert table[a].mean() == pytest.approx(m["robust_acc"][a])
+        assert not (table[a] & ~table["clean"]).any()  # robust implies clean-correct
+    iv = m["intervals"]
+    assert iv["n"] == 60 and iv["method"] == "wilson"
+    lo, hi = iv["clean_acc"]
+    assert lo < m["clean_acc"] < hi or m["clean_acc"] in (lo, hi)
+    k = round(m["robust_acc"]["pgd20"] * 60)
+    ci = binomtest(k, 60).proportion_ci(method="wilson")
+    assert iv["robust_acc"]["pgd20"] == pytest.approx([ci.low, ci.high])
+    report = (run / "report.md").read_text()
+    assert "95% interval (wilson, n=60)" in report and f"[{lo:.4f}, {hi:.4f}]" in report
+
+
+def test_compare_pairs_runs_image_by_image_with_mcnemar_and_holm(runs, tmp_path):
+    res = compare_runs([runs["strong"], runs["weak"], runs["strong2"]], tmp_path / "cmp",
+                       labels=["strong", "weak", "other"])
+    paired = json.loads((tmp_path / "cmp" / "compare.json").read_text())["paired"]
+    assert paired == json.loads(json.dumps(res["paired"]))
+    assert paired["metric"] == "pgd20" and paired["n"] == 60 and len(paired["pairs"]) == 3
+    a, b = read_per_image(runs["strong"])["pgd20"], read_per_image(runs["weak"])["pgd20"]
+    pair = next(p for p in paired["pairs"] if {p["a"], p["b"]} == {"strong", "weak"})
+    first = a if pair["a"] == "strong" else b
+    second = b if pair["a"] == "strong" else a
+    only_a, only_b = int((first & ~second).sum()), int((~first & second).sum())
+    assert (pair["a_only"], pair["b_only"]) == (only_a, only_b)
+    assert pair["diff"] == pytest.approx(first.mean() - second.mean())
+    assert pair["p"] == pytest.approx(binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0)
+    ps = sorted(p["p"] for p in paired["pairs"])
+    assert min(p["p_holm"] for p in paired["pairs"]) == pytest.approx(min(1.0, 3 * ps[0]))
+    means = [m["mean"] for m in paired["members"]]
+    assert means == sorted(means, reverse=True)
+    assert paired["best_group"][0] == paired["members"][0]["label"]
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "## Paired comparison" in report and (tmp_path / "cmp" / "plots" / "forest.png").exists()
+    for p in paired["pairs"]:
+        assert p["differ"] == (p["p_holm"] < 0.05)
+        if not p["differ"]:
+            assert f"| {p['a']} - {p['b']} |" in report and "cannot be told apart" in report
+
+
+def test_two_runs_with_one_label_are_seeds_of_one_member(runs, tmp_path):
+    res = compare_runs([runs["strong"], runs["strong2"], runs["weak"]], tmp_path / "cmp",
+                       labels=["strong", "strong", "weak"])
+    members = {m["label"]: m for m in res["paired"]["members"]}
+    s = members["strong"]
+    per = [read_per_image(runs[k])["pgd20"].mean() for k in ("strong", "strong2")]
+    assert s["seeds"] == 2 and s["per_seed"] == pytest.approx(per)
+    assert s["mean"] == pytest.approx(np.mean(per)) and s["sd"] == pytest.approx(np.std(per, ddof=1))
+    assert s["interval"] == "bootstrap seeds x images" and s["low"] <= s["mean"] <= s["high"]
+    assert res["paired"]["pairs"][0]["test"] == "bootstrap seeds x images"
+    assert "seed 0" in (tmp_path / "cmp" / "report.md").read_text()
+
+
+def test_an_old_run_without_per_image_results_is_reported_unpaired(runs, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(runs["weak"], old)
+    (old / "per_image.csv").unlink()
+    res = compare_runs([runs["strong"], old], tmp_path / "cmp")
+    assert [u["label"] for u in res["paired"]["unpaired"]] == ["old"]
+    assert "no per_image.csv" in res["paired"]["unpaired"][0]["why"]
+    assert [m["label"] for m in res["paired"]["members"]] == ["strong"]
+    assert "unpaired: **old**" in (tmp_path / "cmp" / "report.md").read_text()
+
+
+def bench_config(tmp_path, baselines, seeds):
+    cfg = {"name": "bench", "out": str(tmp_path / "bench"), "data": {"dataset": "digits", "subset": 200},
+           "budget": "20k", "methods": {}, "baselines": baselines, "seeds": seeds,
+           "train": {"adv": "pgd", "epochs": 1, "batch_size": 32, "val_n": 32, "val_steps": 1,
+                     "attack": {"eps": "0.1", "steps": 1}},
+           "evaluate": {"attacks": ["fgsm", "pgd20"], "n": 30, "certify": []}}
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_benchmark_seeds_and_a_new_member_paired_without_attacking_the_old_ones(tmp_path):
+    result = CliRunner().invoke(app, ["benchmark", "--config", str(bench_config(tmp_path, ["cnn"], [0, 1])),
+                                      "--no-progress"])
+    assert result.exit_code == 0, result.output
+    bench = tmp_path / "bench"
+    old = {p: os.stat(p).st_mtime_ns for p in bench.glob("baseline-cnn-s*/*")}
+    assert {p.parent.name for p in old} == {"baseline-cnn-s0", "baseline-cnn-s1"}
+    cfg = bench_config(tmp_path, ["cnn", "vgg"], [0, 1])
+    result = CliRunner().invoke(app, ["benchmark", "--config", str(cfg), "--no-progress", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert {p: os.stat(p).st_mtime_ns for p in bench.glob("baseline-cnn-s*/*")} == old  # nothing redone
+    paired = json.loads((bench / "compare.json").read_text())["paired"]
+    assert paired["unpaired"] == [] and paired["n"] == 30
+    assert {m["label"]: m["seeds"] for m in paired["members"]} == {"cnn (hand-crafted)": 2, "vgg (hand-crafted)": 2}
+    assert [p["test"] for p in paired["pairs"]] == ["bootstrap seeds x images"]
+    assert "each seed searched and trained its member anew" in (bench / "report.md").read_text()
+
+
+def test_plan_estimates_every_member_and_writes_nothing(tmp_path):
+    cfg = bench_config(tmp_path, ["cnn"], [0, 1])
+    result = CliRunner().invoke(app, ["benchmark", "--config", str(cfg), "--plan", "--discordance", "0.3"])
+    assert result.exit_code == 0, result.output
+    assert "cnn" in result.output and "for 2 seed(s)" in result.output
+    from robustnas.stats import detectable_difference
+
+    assert f"{detectable_difference(30, 2, 0.3):.3f} at n=30" in result.output.replace("\n", " ")
+    assert not (tmp_path / "bench").exists()
+
+
+def test_plan_extrapolates_search_cost_from_the_calibration_runs(monkeypatch, data, tmp_path):
+    """With a search whose cost is a known function of its settings, the estimate is that cost."""
+    from types import SimpleNamespace
+
+    from robustnas import pipeline
+
+    def cost(cfg):  # set-up + per epoch + per batch
+        return 3.0 + 2.0 * cfg.epochs + 0.5 * cfg.epochs * cfg.max_batches_per_epoch
+
+    monkeypatch.setattr(pipeline, "_timed", lambda fn, *a, **k: (cost(fn.__self__.cfg), SimpleNamespace(genotype=None)))
+    settings = {"C": 4, "layers": 3, "epochs": 7, "max_batches_per_epoch": 5, "warmup_epochs": 2}
+    est, _, strategy = pipeline.calibrate_search("darts", settings, data, 0.1, "Linf", "cpu", 0, tmp_path)
+    assert est == pytest.approx(cost(strategy.cfg))
+    assert strategy.cfg.warmup_epochs == 2  # the real settings, not the calibration's
+
+
+def test_evaluate_takes_the_exact_interval_and_refuses_an_unknown_one(runs, tmp_path):
+    import shutil
+
+    from robustnas.errors import UserError
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["weak"], run)
+    m = evaluate_run(run, attacks=("fgsm",), n=20, device="cpu", progress=False, interval="exact")
+    k = round(m["clean_acc"] * 20)
+    ci = binomtest(k, 20).proportion_ci(method="exact")
+    assert m["intervals"]["method"] == "exact" and m["intervals"]["clean_acc"] == pytest.approx([ci.low, ci.high])
+    with pytest.raises(UserError, match="unknown interval"):
+        evaluate_run(run, attacks=("fgsm",), n=20, device="cpu", progress=False, interval="wald")
+
+
+def test_compare_command_takes_labels_that_join_seeds(runs, tmp_path):
+    dirs = [str(runs["strong"]), str(runs["strong2"]), str(runs["weak"])]
+    result = CliRunner().invoke(app, ["compare", *dirs, "--out", str(tmp_path / "cmp"), "--labels", "s,s,w"])
+    assert result.exit_code == 0, result.output
+    paired = json.loads((tmp_path / "cmp" / "compare.json").read_text())["paired"]
+    assert {m["label"]: m["seeds"] for m in paired["members"]} == {"s": 2, "w": 1}
+    result = CliRunner().invoke(app, ["compare", *dirs, "--out", str(tmp_path / "cmp2"), "--labels", "s,w"])
+    assert result.exit_code == 2 and "3 run directories" in result.output
+
+
+def test_sequential_evaluation_stops_a_pair_once_its_interval_excludes_zero(runs, tmp_path):
+    import shutil
+
+    from robustnas.pipeline import sequential_evaluation
+
+    dirs = []
+    for name in ("strong", "weak", "strong2"):
+        shutil.copytree(runs[name], tmp_path / name)
+        dirs.append(tmp_path / name)
+    first = {d.name: (d / "per_image.csv").read_text() for d in dirs}
+    stops = sequential_evaluation(dirs, ["strong", "weak", "other"], chunk=20, max_n=100, device="cpu")
+    by_pair = {frozenset((q["a"], q["b"])): q for q in stops}
+    assert len(by_pair) == 3
+    rows = {d.name: len(read_per_image(d)["index"]) for d in dirs}
+    for q in by_pair.values():
+        assert q["n"] <= 100 and q["early"] == (q["n"] < 100)
+        assert "excludes zero" in q["why"] or ("maximum" in q["why"] and q["n"] == 100)
+    # the first 60 images were not attacked again: their rows are unchanged
+    for d in dirs:
+        assert (d / "per_image.csv").read_text().startswith(first[d.name])
+        t = read_per_image(d)
+        assert t["index"].tolist() == list(range(rows[d.name])) and not (t["pgd20"] & ~t["clean"]).any()
+    # a member grows only while one of its pairs is undecided
+    for d, label in zip(dirs, ["strong", "weak", "other"]):
+        assert (rows[d.name] > 60) == any(q["n"] > 60 for p, q in by_pair.items() if label in p)
+    assert by_pair[frozenset(("strong", "other"))]["n"] == 100  # two equal networks: grown to the maximum
+    res = compare_runs(dirs, tmp_path / "cmp", labels=["strong", "weak", "other"], sequential=stops)
+    assert res["paired"]["sequential"] == stops
+    assert "Sequential evaluation" in (tmp_path / "cmp" / "report.md").read_text()
