@@ -1,17 +1,20 @@
-"""AdvRush (Mok et al., ICCV 2021): DARTS whose alpha loss, after a warm-up, adds an input-loss-curvature
-penalty, so that the search favours architectures with a smooth input loss landscape.
+"""AdvRush (Mok et al., ICCV 2021): DARTS whose alpha loss adds an input-loss-curvature penalty, so that
+the search favours architectures with a smooth input loss landscape. Defaults follow the public code
+(nutellamok/advrush: architect.py, regularizer.py, train_search.py and its README command):
 
-    L_alpha = L_val + gamma * mean_x ||grad_x l(x + h z) - grad_x l(x)||^2,   z = sign(g) / ||sign(g)||_2
+    L_alpha = CE(x) + gamma * lambda * mean_x ||grad_u l(u + h z) - grad_u l(u)||_2,   z = sign(g) / ||sign(g)||_2
 
-with g = grad_x l(x) (detached), l the per-sample cross-entropy and gamma = 0.01: a finite-difference
-estimate of the curvature along the gradient's sign direction (CURE, Moosavi-Dezfooli et al. 2019).
-z has unit L2 norm per sample, so h is the L2 length of the step in pixel units (each pixel moves by
-h / sqrt(d), d the input size). The penalty is differentiated through both gradients (create_graph), so
-it reaches the alphas. See docs/advrush.md for where this follows the published code and where not.
+per image, with u = (x - mean) / std the network's (normalised) input, g = grad_u l(u) (detached), l the
+per-image cross-entropy, gamma = 0.01 and lambda = 4: CURE's finite-difference curvature along the
+gradient's sign direction (Moosavi-Dezfooli et al. 2019), on the alpha batch, in eval mode. The penalty
+is differentiated through both gradients (create_graph), so it reaches the alphas. The paper's squared
+norm, pixel-space steps, a warm-up and DARTS' split batches are options; docs/advrush.md compares them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any, Callable, Literal, Optional
 
 import torch
@@ -21,8 +24,8 @@ from torch import Tensor, nn
 
 from robustnas.attacks import eval_mode
 from robustnas.errors import UserError
-from robustnas.search.base import register
-from robustnas.search.supernet import SearchBatch, SupernetConfig, SupernetSearch
+from robustnas.search.base import SearchContext, register
+from robustnas.search.supernet import SearchBatch, SupernetConfig, SupernetSearch, _flat
 
 LossFn = Callable[[Tensor, Tensor], Tensor]  # (logits, y) -> per-sample loss
 
@@ -39,49 +42,72 @@ def _input_grad(model: nn.Module, x: Tensor, y: Tensor, loss: LossFn, create_gra
 
 
 def curvature_direction(model: nn.Module, x: Tensor, y: Tensor, loss: LossFn = _ce) -> Tensor:
-    """z = sign(grad_x l(x)) / ||sign(grad_x l(x))||_2 per sample, detached (zero where the gradient is)."""
+    """z = sign(grad_x l(x)) / ||sign(grad_x l(x))||_2 per sample, detached (zero where the gradient is).
+    The sign is the same in pixel and normalised coordinates (std > 0), so z is too."""
     s = torch.sign(_input_grad(model, x, y, loss, create_graph=False))
     norm = s.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
     return (s / norm).detach()
 
 
+def curvature_step(model: nn.Module, x: Tensor, y: Tensor, h: float, loss: LossFn = _ce,
+                   std: Optional[Tensor] = None) -> Tensor:
+    """The pixel step std * h z of `curvature_penalty`: h z has L2 length h per image in the network's input
+    space (u = (x - mean) / std with `std`, pixels without). Detached."""
+    scale = x.new_ones(()) if std is None else std.to(x)
+    return h * scale * curvature_direction(model, x, y, loss)
+
+
 def curvature_penalty(model: nn.Module, x: Tensor, y: Tensor, h: float, loss: LossFn = _ce,
-                      penalty: Literal["squared", "norm"] = "squared", create_graph: bool = True) -> Tensor:
-    """mean_x ||grad_x l(x + h z) - grad_x l(x)||_2^2 (penalty="squared", the paper's) or the plain norm
-    ("norm", the published code's), z from `curvature_direction`. Differentiable in the model's
-    parameters when create_graph. Uses the model in the mode it is given (AdvRush: eval mode)."""
+                      penalty: Literal["norm", "squared"] = "norm", std: Optional[Tensor] = None,
+                      create_graph: bool = True) -> Tensor:
+    """mean over images of ||grad_u l(u + h z) - grad_u l(u)||_2 (penalty="norm", the public code's) or its
+    square ("squared", the paper's), z from `curvature_direction`.
+
+    u is the network's input: with `std` (the model's per-channel normalisation, broadcastable to x) u =
+    (x - mean) / std, so the pixel step is std * h z and grad_u = std * grad_x; without it u = x (pixels).
+    Differentiable in the model's parameters when create_graph. Uses the model in the mode it is given
+    (AdvRush: eval mode)."""
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2 or x.shape[0] == 0:
         raise UserError("advrush: x must be a non-empty floating-point tensor of shape (N, ...)")
     if not isinstance(h, (int, float)) or isinstance(h, bool) or not h >= 0:
         raise UserError(f"advrush: the step h must be a number >= 0, got {h!r}")
     if penalty not in ("squared", "norm"):
-        raise UserError(f"advrush: unknown penalty {penalty!r}; use squared or norm")
-    if h == 0:  # the two gradients coincide; the norm's derivative at 0 is undefined, the penalty is 0
+        raise UserError(f"advrush: unknown penalty {penalty!r}; use norm or squared")
+    if h == 0:  # the two gradients coincide; the penalty is 0
         return x.new_zeros(())
-    z = curvature_direction(model, x, y, loss)
-    g_step = _input_grad(model, x + h * z, y, loss, create_graph)
+    scale = x.new_ones(()) if std is None else std.to(x)
+    step = curvature_step(model, x, y, h, loss, std)
+    g_step = _input_grad(model, x + step, y, loss, create_graph)
     g_here = _input_grad(model, x, y, loss, create_graph)
-    diff = (g_step - g_here).flatten(1)
-    per_sample = diff.square().sum(1) if penalty == "squared" else diff.norm(dim=1)
+    diff = (scale * (g_step - g_here)).flatten(1)
+    per_sample = diff.norm(dim=1) if penalty == "norm" else diff.square().sum(1)
     return per_sample.mean()
 
 
 class AdvrushConfig(SupernetConfig):
-    """AdvRush settings; published CIFAR-10 values (its train_search.py) in the comments. SupernetConfig
-    holds the shared DARTS ones; `warmup_epochs` there freezes the alphas, `reg_warmup_epochs` here only
-    delays the penalty (AdvRush updates the alphas on L_val alone before it)."""
+    """AdvRush settings. Defaults follow the public code; its CIFAR-10 values (train_search.py run with the
+    README's flags) in the comments. SupernetConfig holds the shared DARTS ones (published: batch 32,
+    60 epochs, C 16, 8 layers, first order); `warmup_epochs` there freezes the alphas, `reg_warmup_epochs`
+    here only delays the penalty (the alphas descend CE alone before it)."""
 
     gamma: float = Field(default=0.01, ge=0)             # a_gamma 0.01
-    # a_warmup_epochs 50 of 60; None: the same share, floor(5/6 * epochs), at most epochs - 1
-    reg_warmup_epochs: Optional[int] = Field(default=None, ge=0)
+    penalty: Literal["norm", "squared"] = "norm"         # code: norm; paper: squared
+    penalty_scale: float = Field(default=4.0, gt=0)      # code: loss_cure lambda_ = 4 (1 with the paper's form)
+    # network input space ("normalized": u = (x - mean) / std, as the code's CIFAR Normalize transform) or
+    # pixels in [0, 1] ("pixel"): where z has L2 length h and the gradients are taken
+    h_space: Literal["normalized", "pixel"] = "normalized"
+    # README: --a_warmup_epochs 0 (train_search.py's own default is 50); None: floor(5/6 * epochs), at
+    # most epochs - 1 (50 of 60)
+    reg_warmup_epochs: Optional[int] = Field(default=0, ge=0)
     h_max: float = Field(default=1.5, ge=0)              # 1.5
-    # "code": h = h_max * min(1, epoch / h_ramp_epochs) from the first epoch (the published h_all =
-    # 0, 0.3, ..., 1.5, then 1.5); "after-warmup": the ramp starts with the penalty,
-    # h = h_max * min(1, (epoch - reg_warmup_epochs + 1) / h_ramp_epochs)
+    # "code": h = h_max * min(1, epoch / h_ramp_epochs) by absolute epoch (h_all = 0, 0.3, ..., 1.5, then
+    # 1.5); "after-warmup": the ramp starts with the penalty, h_max * min(1, (epoch - reg_warmup + 1) / ramp)
     h_schedule: Literal["code", "after-warmup"] = "code"
     h_ramp_epochs: int = Field(default=5, ge=1)          # 5
-    penalty: Literal["squared", "norm"] = "squared"      # paper: squared; code: norm (with penalty_scale 4)
-    penalty_scale: float = Field(default=1.0, gt=0)      # code: lambda_ = 4
+    # "fixed": the alphas always use the first batch_size training images and the weights every training
+    # image (the code: an unshuffled loader over the training set, next(iter(...)) each step);
+    # "split": DARTS' halves (train_portion), a new alpha batch each step
+    alpha_batch: Literal["fixed", "split"] = "fixed"
     reg_n: Optional[int] = Field(default=None, ge=1)     # alpha-batch images the penalty sees; None: all
     val_curvature_n: int = Field(default=32, ge=0)       # penalty at h_max on fixed validation images, per epoch
 
@@ -97,6 +123,20 @@ class AdvrushConfig(SupernetConfig):
 class Advrush(SupernetSearch):
     name = "advrush"
     Config = AdvrushConfig
+
+    def setup(self, ctx: SearchContext) -> None:
+        super().setup(ctx)
+        cfg = self.cfg
+        meta = ctx.data.meta
+        self.std = (torch.tensor(meta.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+                    if cfg.h_space == "normalized" else None)
+        if cfg.alpha_batch == "fixed":
+            n = len(ctx.data.train)
+            self.w_idx = self.a_idx = torch.arange(n)  # the loop shuffles w_idx per epoch; a_idx is unused
+            per_epoch = math.ceil(n / cfg.batch_size)
+            self.steps_per_epoch = min(per_epoch, cfg.max_batches_per_epoch or per_epoch)
+            self.x_fixed = ctx.data.train.x[:cfg.batch_size].to(self.device)
+            self.y_fixed = ctx.data.train.y[:cfg.batch_size].to(self.device)
 
     @property
     def reg_warmup(self) -> int:
@@ -116,29 +156,48 @@ class Advrush(SupernetSearch):
         return epoch >= self.reg_warmup
 
     def penalty(self, model: nn.Module, x: Tensor, y: Tensor, h: float, create_graph: bool = True) -> Tensor:
-        """penalty_scale * curvature penalty, in eval mode (as the published code); the mode is restored."""
+        """penalty_scale * curvature penalty, in eval mode (as the public code); the mode is restored."""
         with eval_mode(model), torch.set_grad_enabled(True):
-            p = curvature_penalty(model, x, y, h, penalty=self.cfg.penalty, create_graph=create_graph)
+            p = curvature_penalty(model, x, y, h, penalty=self.cfg.penalty, std=self.std,
+                                  create_graph=create_graph)
         p = self.cfg.penalty_scale * p
         return p if create_graph else p.detach()
 
     def alpha_step(self, batch: SearchBatch) -> dict[str, Any]:
+        """CE on the alpha batch (train mode), plus gamma * the penalty once it is on. Logs the penalty and
+        the alpha-gradient norms of both terms, the penalty's share ||g_pen|| / (||g_ce|| + ||g_pen||) and
+        their cosine."""
         cfg = self.cfg
-        if not self.penalty_on(batch.epoch):
-            return super().alpha_step(batch)  # DARTS: L_val alone
+        if cfg.alpha_batch == "fixed":
+            batch = dataclasses.replace(batch, x_a=self.x_fixed, y_a=self.y_fixed)
         h = self.h_at(batch.epoch)
+        if not self.penalty_on(batch.epoch):
+            return super().alpha_step(batch)  # DARTS: CE alone
         n = cfg.reg_n or len(batch.y_a)
+        x_a, y_a = batch.x_a, batch.y_a
         figures: dict[str, Tensor] = {}
 
-        def loss(m: nn.Module) -> Tensor:
-            ce = F.cross_entropy(m(batch.x_a), batch.y_a)
-            pen = self.penalty(m, batch.x_a[:n], batch.y_a[:n], h)
-            figures.update(ce_val=ce.detach(), curvature=pen.detach())
-            return ce + cfg.gamma * pen
+        def ce(m: nn.Module) -> Tensor:
+            return F.cross_entropy(m(x_a), y_a)
 
-        (grad,), (value,) = self.hypergradients(batch, loss)
-        self.apply_alpha_gradient(grad)
-        return {"alpha_loss": value, **figures}
+        def reg(m: nn.Module) -> Tensor:
+            p = self.penalty(m, x_a[:n], y_a[:n], h)
+            figures["curvature"] = p.detach()
+            return cfg.gamma * p
+
+        if h == 0:  # the penalty is 0, with no graph to differentiate
+            (g_ce,), (ce_val,) = self.hypergradients(batch, ce)
+            g_reg, reg_val = [torch.zeros_like(g) for g in g_ce], ce_val.new_zeros(())
+            figures["curvature"] = reg_val
+        else:
+            (g_ce, g_reg), (ce_val, reg_val) = self.hypergradients(batch, ce, reg)
+        self.apply_alpha_gradient([a + b for a, b in zip(g_ce, g_reg)])
+        g_ce, g_reg = _flat(g_ce), _flat(g_reg)
+        n_ce, n_reg = g_ce.norm(), g_reg.norm()
+        total = n_ce + n_reg
+        return {"alpha_loss": ce_val + reg_val, "ce_val": ce_val, **figures, "grad_ce": n_ce, "grad_curv": n_reg,
+                "curv_share": n_reg / total if total > 0 else total,
+                "grad_cos": F.cosine_similarity(g_ce, g_reg, dim=0, eps=1e-30)}
 
     def epoch_info(self, epoch: int) -> dict[str, Any]:
         info: dict[str, Any] = {"h": self.h_at(epoch), "penalty_on": self.penalty_on(epoch)}
