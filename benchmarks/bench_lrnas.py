@@ -9,6 +9,12 @@ round is seeded by seed and epoch), so their values must be equal; the script sa
 bit for bit.
 
 Example (CPU): python benchmarks/bench_lrnas.py --orderings 2 --subset 4000
+
+With --compare-updates the script instead runs one short search per alpha update (kind-zscore, joint-l2)
+with the same seed and settings, and prints the greedy selection of each under both budget rules at
+each of --budgets (final network --final-C, --final-layers): whether the two updates select the same
+cells. Example: python benchmarks/bench_lrnas.py --compare-updates --dataset digits --subset 1797 --C 4
+--layers 5 --k 1 --batch-size 32 --contrib-batch-size 32 --orderings 4 --max-batches 20 --threads 1
 """
 
 from __future__ import annotations
@@ -51,6 +57,13 @@ def main() -> None:
     ap.add_argument("--max-batches", type=int, default=0, help="cap the training epoch (0: the whole weight half)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--compare-updates", action="store_true", help="search once per alpha update, compare selections")
+    ap.add_argument("--epochs", type=int, default=6, help="--compare-updates: search epochs")
+    ap.add_argument("--warmup", type=int, default=2, help="--compare-updates: warm-up epochs")
+    ap.add_argument("--final-C", type=int, default=10, help="--compare-updates: final network the budget counts")
+    ap.add_argument("--final-layers", type=int, default=5)
+    ap.add_argument("--budgets", default="40k,60k,80k", help="--compare-updates: budgets of the selection")
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
     from robustnas.config import parse_eps
@@ -65,6 +78,8 @@ def main() -> None:
                 "eval_chunk": args.eval_chunk or None, "epochs": 2, "warmup_epochs": 1}
     if args.max_batches:
         settings["max_batches_per_epoch"] = args.max_batches
+    if args.compare_updates:
+        return compare_updates(args, data, settings, device)
     strat = build_strategy("lrnas", settings)
     strat.setup(SearchContext(data=data, eps=parse_eps(data.meta.eps), device=device, seed=0, progress=False))
     out = {"dataset": data.meta.name, "device": str(device), "threads": torch.get_num_threads(),
@@ -117,6 +132,41 @@ def main() -> None:
                          "values_equal": same,
                          "max_abs_value_diff": float((a.values - b.values).abs().max())})
     out["rounds"] = rows
+    print(json.dumps(out, indent=1))
+
+
+def compare_updates(args, data, settings: dict, device: torch.device) -> None:
+    """One search per alpha update, same seed; the selections of each under both budget rules."""
+    from robustnas.config import parse_eps
+    from robustnas.search import SearchContext, build_strategy
+    from robustnas.search.lrnas import select_under_budget
+
+    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
+    settings = {**settings, "epochs": args.epochs, "warmup_epochs": args.warmup, "final_C": args.final_C,
+                "final_layers": args.final_layers, "max_params": budgets[0]}
+    out = {"dataset": data.meta.name, "train_images": len(data.train), "seed": args.seed,
+           "threads": torch.get_num_threads(), "settings": settings, "searches": {}}
+    alphas = {}
+    for update in ("kind-zscore", "joint-l2"):
+        strat = build_strategy("lrnas", {**settings, "alpha_update": update})
+        t0 = time.perf_counter()
+        result = strat.search(SearchContext(data=data, eps=parse_eps(data.meta.eps), device=device, seed=args.seed,
+                                            progress=False))
+        alphas[update] = result.extra["alpha_raw"]
+        ranking = [e["kind"][0] + str(e["edge"]) for e in result.extra["selection"]]
+        out["searches"][update] = {"seconds": time.perf_counter() - t0, "edge_ranking": ranking, "selections": {}}
+        for rule in ("official", "strict"):
+            for b in budgets:
+                sel = select_under_budget(alphas[update], data.meta, b, args.final_C, args.final_layers,
+                                          budget_rule=rule)
+                g = sel.genotype.to_dict()
+                out["searches"][update]["selections"][f"{rule} {b}"] = {
+                    "params": sel.params, "normal": g["normal"], "reduce": g["reduce"]}
+    sa, sb = (out["searches"][u]["selections"] for u in ("kind-zscore", "joint-l2"))
+    out["same_selection"] = {k: (sa[k]["normal"], sa[k]["reduce"]) == (sb[k]["normal"], sb[k]["reduce"])
+                             for k in sa}
+    out["same_edge_ranking"] = (out["searches"]["kind-zscore"]["edge_ranking"]
+                                == out["searches"]["joint-l2"]["edge_ranking"])
     print(json.dumps(out, indent=1))
 
 

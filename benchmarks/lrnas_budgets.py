@@ -6,6 +6,8 @@ budget is `select_under_budget` on the alphas the search ended with. This script
 LRNAS member of a finished `robustnas benchmark` run (its search.jsonl), trains and evaluates the
 selection at each budget (the benchmark's own budget is its LRNAS run, not redone), trains a CNN within
 each budget, and writes one comparison (report.md, compare.json) to --out. Finished members are reused.
+The selection follows the benchmark's budget_rule; under "official" it may pass the budget by one op,
+and the CNN then gets the selection's count as its ceiling (the benchmark's own budget keeps its CNN).
 
     python benchmarks/lrnas_budgets.py --config configs/benchmark.yaml --budgets 50k,100k,200k
 """
@@ -23,7 +25,7 @@ def main() -> None:
     from robustnas.genotypes import save_genotype
     from robustnas.pipeline import load_data, resolved, train_evaluate
     from robustnas.rundir import read_json
-    from robustnas.search.lrnas import select_under_budget
+    from robustnas.search.lrnas import LrnasConfig, select_under_budget
     from robustnas.size import parse_count
     from robustnas.training import resolve_device
 
@@ -41,10 +43,9 @@ def main() -> None:
         raise SystemExit(f"{lr} is not a finished LRNAS run: run `robustnas benchmark --config {args.config}` first")
     history = [json.loads(line) for line in (lr / "search.jsonl").read_text().splitlines()]
     alphas = [h for h in history if "alpha_raw" in h][-1]["alpha_raw"]
-    settings = cmd.methods["lrnas"]
-    C, layers = settings["final_C"], settings["final_layers"]
-    after = settings.get("after_budget", "free-only")
-    reductions = settings.get("final_reduction_layers")
+    settings = LrnasConfig(**cmd.methods["lrnas"])
+    C, layers = settings.final_C, settings.final_layers
+    reductions = settings.final_reduction_layers
     net_kw = {} if reductions is None else {"reduction_layers": reductions}
 
     out = Path(args.out) if args.out else bench / "lrnas-budgets"
@@ -56,8 +57,9 @@ def main() -> None:
     for budget in args.budgets.split(","):
         same = parse_count(budget) == parse_count(cmd.budget)
         d = lr if same else out / f"lrnas-{budget}"
+        sel = select_under_budget(alphas, data.meta, budget, C, layers, settings.after_budget, reductions,
+                                  settings.budget_rule)
         if not (d / "metrics.json").is_file() or "reliable" not in read_json(d / "metrics.json"):
-            sel = select_under_budget(alphas, data.meta, budget, C, layers, after, reductions)
             save_genotype(sel.genotype, d / "genotype.json")
             train_evaluate(d, str(d / "genotype.json"), data, rc, device, resume=True, method="lrnas",
                            record={"lrnas_budget": budget}, C=C, layers=layers, **net_kw)
@@ -65,8 +67,8 @@ def main() -> None:
         labels.append(f"lrnas {budget}")
         b = bench / f"baseline-{args.baseline}" if same else out / f"{args.baseline}-{budget}"
         if not (b / "metrics.json").is_file() or "reliable" not in read_json(b / "metrics.json"):
-            train_evaluate(b, args.baseline, data, rc, device, resume=b.exists(), params=parse_count(budget),
-                           at_most=True)
+            train_evaluate(b, args.baseline, data, rc, device, resume=b.exists(),
+                           params=max(parse_count(budget), sel.params), at_most=True)
         dirs.append(b)
         labels.append(f"{args.baseline} {budget}")
     result = compare_runs(dirs, out, labels, title=f"LRNAS at {args.budgets} final parameters vs {args.baseline}")

@@ -21,12 +21,13 @@ from robustnas.data import load_dataset
 from robustnas.errors import UserError
 from robustnas.genotypes import build_network, load_genotype
 from robustnas.search import SearchContext, build_strategy
-from robustnas.search.lrnas import (GreedySelector, MaskedSubsets, SubsetAccuracy, contribution_values,
-                                    leading_cells, momentum_update, nested_values, player_names, random_orderings,
-                                    removal_drops, select_under_budget, split_players, subsets_forward,
-                                    summarise_contributions, zscore)
+from robustnas.data import DatasetMeta
+from robustnas.search.lrnas import (PUBLIC_FREE_OPS, GreedySelector, MaskedSubsets, SubsetAccuracy,
+                                    contribution_values, kind_zscore_update, leading_cells, momentum_update,
+                                    nested_values, player_names, random_orderings, removal_drops, select_under_budget,
+                                    split_players, subsets_forward, summarise_contributions, zscore)
 from robustnas.size import count_params, parse_count
-from robustnas.spaces.darts import PRIMITIVES, SuperNet
+from robustnas.spaces.darts import PRIMITIVES, Genotype, SuperNet
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_OPS = ["none", "max_pool_3x3", "skip_connect", "sep_conv_3x3", "dil_conv_3x3"]
@@ -241,8 +242,8 @@ def test_batched_contribution_values_equal_the_naive_loop_exactly(data, k, fgsm_
 
 
 # ================================================================================================ greedy selection
-def _selector(data, budget, after="free-only", C=4, layers=3):
-    return GreedySelector(data.meta, C, layers, budget, PRIMITIVES, after_budget=after)
+def _selector(data, budget, after="free-only", C=4, layers=3, rule="strict"):
+    return GreedySelector(data.meta, C, layers, budget, PRIMITIVES, after_budget=after, budget_rule=rule)
 
 
 def _random_alphas(seed):
@@ -281,7 +282,8 @@ def test_greedy_selection_respects_the_budget_from_tiny_to_large(data, after):
 def test_greedy_selection_counts_the_final_network_with_its_reduction_cells(data):
     m = data.meta
     budget = _selector(data, None).empty_params() + 2000
-    sel = GreedySelector(m, 4, 3, budget, PRIMITIVES, reduction_layers=[0, 1]).select(_random_alphas(1))
+    sel = GreedySelector(m, 4, 3, budget, PRIMITIVES, reduction_layers=[0, 1],
+                         budget_rule="strict").select(_random_alphas(1))
     net = build_network(sel.genotype, C=4, layers=3, num_classes=m.num_classes, in_shape=m.shape, mean=m.mean,
                         std=m.std, reduction_layers=[0, 1])
     assert sel.params == count_params(net) <= budget
@@ -346,6 +348,138 @@ def test_skip_connect_on_a_stride_two_edge_is_not_free(data):
     assert _selector(data, None).select(alphas).params > empty  # with room, the skip goes in and costs
 
 
+def _assert_official(sel, budget, empty):
+    """The public rule's outcome, read from the log: an op went in only while the network before it was within
+    the budget, or if it is on the public free list; refused ops came past the budget and are off the list."""
+    before = empty
+    for e in sel.log:
+        if e["decision"] == "added":
+            assert before <= budget or e["op"] in PUBLIC_FREE_OPS
+        elif e["decision"] == "over budget":
+            assert before > budget and e["op"] not in PUBLIC_FREE_OPS
+        before = e["params"]
+    assert before == sel.params
+
+
+def _ranking_alphas(genotype, order):
+    """Raw alphas that offer the genotype's (op, input) at each listed (kind, position), ranked in that order
+    (first highest); every other edge offers `none` at alpha 0, after them."""
+    starts = [0, 2, 5, 9]  # first edge of each node
+    alphas = {k: torch.zeros(14, 8) for k in ("normal", "reduce")}
+    for rank, (kind, pos) in enumerate(order):
+        op, j = getattr(genotype, kind)[pos]
+        alphas[kind][starts[pos // 2] + j, PRIMITIVES.index(op)] = float(len(order) - rank)
+    return alphas
+
+
+def _nodes(genotype, kind):
+    pairs = getattr(genotype, kind)
+    return [sorted(pairs[2 * n:2 * n + 2]) for n in range(4)]
+
+
+@pytest.mark.parametrize("name,classes,crossing,published",
+                         [("lrnas_cifar10", 10, 4, 2_179_702), ("lrnas_cifar100", 100, 7, 2_321_488)])
+def test_official_rule_reproduces_the_published_overshoot_of_the_2m_budget(name, classes, crossing, published):
+    """The published LRNAS cells count past their 2.0M budget at 20 cells, C=36. Ranked so that a normal
+    separable conv comes last but one and a stride-2 skip_connect of the reduce cell last, the public rule
+    (counted before adding; skip_connect on the free list) selects exactly the published cells; the strict
+    rule refuses both and stays within 2.0M."""
+    g = load_genotype(name)
+    skip = next(i for i, (op, j) in enumerate(g.reduce) if op == "skip_connect" and j < 2)  # a FactorizedReduce
+    order = ([("normal", i) for i in range(8) if i != crossing] + [("reduce", i) for i in range(8) if i != skip]
+             + [("normal", crossing), ("reduce", skip)])
+    alphas = _ranking_alphas(g, order)
+    meta = DatasetMeta("cifar", classes, (3, 32, 32), (0.5,) * 3, (0.5,) * 3, "8/255", (), "")
+    official = select_under_budget(alphas, meta, "2.0M", 36, 20, budget_rule="official")
+    strict = select_under_budget(alphas, meta, "2.0M", 36, 20, budget_rule="strict")
+    assert official.params == published > 2_000_000
+    for kind in ("normal", "reduce"):
+        assert _nodes(official.genotype, kind) == _nodes(g, kind)
+    decisions = [e["decision"] for e in official.log[-14:]]
+    assert decisions[:2] == ["added", "added"]  # the crossing conv, then the skip past the budget
+    crossing_before = official.log[-15]["params"]
+    assert crossing_before <= 2_000_000 < official.log[-14]["params"] < published
+    assert strict.params == crossing_before
+    assert [e["decision"] for e in strict.log[-14:-12]] == ["over budget", "budget reached"]
+
+
+def test_official_rule_passes_the_budget_by_at_most_one_op_and_strict_never(data):
+    """A fixed ranking (normal sep_conv_3x3 on every edge first, then a stride-2 skip_connect and a pool of the
+    reduce cell), a budget 2.5 convs above the empty network: official keeps the third conv that crosses the
+    budget and then the skip (free in the public code, a FactorizedReduce here); strict stops at two convs."""
+    sep, skip, pool = (PRIMITIVES.index(o) for o in ("sep_conv_3x3", "skip_connect", "avg_pool_3x3"))
+    alphas = {"normal": torch.zeros(14, 8), "reduce": torch.zeros(14, 8)}
+    alphas["normal"][:, sep] = torch.arange(28.0, 14.0, -1)
+    alphas["reduce"][0, skip] = 10.0  # node 0 <- input 0, stride 2
+    alphas["reduce"][1, pool] = 9.0   # node 0 <- input 1, stride 2
+    empty = _selector(data, None).empty_params()
+    one = _selector(data, None).count(Genotype.from_dict({
+        "normal": [["sep_conv_3x3", 0]] + [["none", j] for j in (1, 0, 1, 0, 1, 0, 1)], "normal_concat": [2, 3, 4, 5],
+        "reduce": [["none", j] for j in (0, 1) * 4], "reduce_concat": [2, 3, 4, 5]})) - empty
+    budget = empty + 5 * one // 2
+    official = _selector(data, budget, rule="official").select(alphas)
+    strict = _selector(data, budget, rule="strict").select(alphas)
+    _assert_official(official, budget, empty)
+    by_o = {(e["kind"], e["edge"]): e for e in official.log}
+    by_s = {(e["kind"], e["edge"]): e for e in strict.log}
+    added_convs = [e for e in official.log if e["op"] == "sep_conv_3x3" and e["decision"] == "added"]
+    assert len(added_convs) == 3 and added_convs[-1]["params"] == empty + 3 * one > budget
+    assert by_o[("reduce", 0)]["decision"] == "added" and by_o[("reduce", 0)]["params"] > empty + 3 * one
+    assert by_o[("reduce", 1)]["decision"] == "added"
+    assert official.params == by_o[("reduce", 0)]["params"]
+    assert [e for e in strict.log if e["op"] == "sep_conv_3x3" and e["decision"] == "added"] == added_convs[:2]
+    assert by_s[("reduce", 0)]["decision"] != "added" and by_s[("reduce", 1)]["decision"] == "added"
+    assert strict.params == empty + 2 * one <= budget
+    with pytest.raises(ValueError, match="strict"):
+        _selector(data, budget, after="fit", rule="official")
+
+
+def test_kind_zscore_update_standardises_each_kind_and_keeps_momentum_on_the_increment():
+    g = torch.Generator().manual_seed(0)
+    V = torch.cat([3 * torch.randn(112, generator=g) + 7, 0.1 * torch.randn(112, generator=g) - 2]).double()
+    V2 = torch.randn(224, generator=g, dtype=torch.float64)
+    alpha0 = torch.randn(224, generator=g, dtype=torch.float64)
+    zero = torch.zeros(224, dtype=torch.float64)
+    a1, d1 = kind_zscore_update(alpha0, zero, V, mu=0.2, eta=0.1)
+    torch.testing.assert_close(a1 - alpha0, d1)
+    for half in (d1[:112], d1[112:]):  # each kind on its own scale: mean 0, std eta * mu
+        assert abs(float(half.mean())) < 1e-12 and float(half.std()) == pytest.approx(0.02)
+    a2, d2 = kind_zscore_update(a1, d1, V2, mu=0.2, eta=0.1)
+    z2 = torch.cat([(h - h.mean()) / h.std() for h in (V2[:112], V2[112:])])
+    torch.testing.assert_close(d2, 0.1 * (0.8 * d1 + 0.2 * z2))
+    torch.testing.assert_close(a2, a1 + d2)
+    # a shift and a scale of one kind's values change nothing here, and the joint L2 step
+    W = V.clone()
+    W[112:] = 10 * W[112:] + 3
+    torch.testing.assert_close(kind_zscore_update(alpha0, zero, W, 0.2, 0.1)[0], a1)
+    joint = [momentum_update(alpha0, zero, values, 0.2, 0.1)[0] for values in (V, W)]
+    assert not torch.allclose(*joint)
+
+
+def test_kind_zscore_is_the_default_and_changes_the_ranking_across_cell_kinds(search_data):
+    """Values whose reduce half sits higher but spreads less: one joint L2 normalisation puts every reduce edge
+    first; z-scores per cell kind (the public code, the default) put the normal edges first (their spikes stand
+    out more), and the selection under the budget differs."""
+    g = torch.Generator().manual_seed(0)
+    normal = torch.zeros(14, 8, dtype=torch.float64)
+    normal[:, PRIMITIVES.index("sep_conv_3x3")] = 1.0
+    reduce = 5 + 0.01 * torch.randperm(112, generator=g).view(14, 8).double()
+    V = torch.cat([normal.flatten(), reduce.flatten()])
+    sels = {}
+    for name, settings in (("default", TINY), ("joint-l2", {**TINY, "alpha_update": "joint-l2"})):
+        strat = build_strategy("lrnas", settings)
+        strat.setup(_ctx(search_data))
+        with torch.no_grad():
+            for a in strat.alphas:
+                a.zero_()
+        strat.momentum.zero_()
+        strat.apply_values(V)
+        sels[name] = strat.net.selection()
+    assert [e["kind"] for e in sels["joint-l2"].log[:14]] == ["reduce"] * 14
+    assert [e["kind"] for e in sels["default"].log[:14]] == ["normal"] * 14
+    assert sels["default"].genotype != sels["joint-l2"].genotype
+
+
 # ================================================================================================ the search
 # warm-up 0: the first epoch trains, then estimates, so that two contribution rounds take two epochs
 TINY = dict(C=4, layers=3, partial_channels_k=1, batch_size=32, epochs=2, warmup_epochs=0, max_batches_per_epoch=6,
@@ -392,27 +526,39 @@ def test_search_writes_contributions_and_a_resumed_search_equals_an_uninterrupte
         assert len(c["players"]) == len(c["value"]) == len(c["clean_drop"]) == len(c["fgsm_drop"]) == 224
         assert c["players"][8 * 14] == "reduce/0/none"
         assert any(v != 0 for v in c["clean_drop"]) and any(v != 0 for v in c["value"])  # a real estimate
-        assert r["final_params"] <= 4000
-    # each round moves the raw alphas by eta along the normalised momentum
+    # the public update (default): each round's increment is d = eta ((1 - mu) d_prev + mu z), z the round's
+    # values z-scored within each cell kind; the first d_prev is the public code's 1e-3 N(0, 1) start
     torch.manual_seed(3)
     init = build_strategy("lrnas", TINY).build_supernet(data.meta).alphas()
-    previous = torch.cat([init[k].detach().flatten() for k in ("normal", "reduce")])
+    previous = torch.cat([init[k].detach().flatten() for k in ("normal", "reduce")]).double()
+    d_prev = None
     for r in lines:
-        now = torch.cat([torch.tensor(r["alpha_raw"][k]).flatten() for k in ("normal", "reduce")])
-        assert (now - previous).norm().item() == pytest.approx(0.1, rel=1e-4)
-        previous = now
+        now = torch.cat([torch.tensor(r["alpha_raw"][k], dtype=torch.float64).flatten() for k in ("normal", "reduce")])
+        v = torch.tensor(r["contributions"]["value"], dtype=torch.float64).view(2, -1)
+        z = ((v - v.mean(1, keepdim=True)) / v.std(1, keepdim=True)).flatten()
+        d = now - previous
+        if d_prev is None:
+            assert (d - 0.1 * 0.2 * z).abs().max() < 1e-3 < d.abs().max()
+        else:
+            torch.testing.assert_close(d, 0.1 * (0.8 * d_prev + 0.2 * z), atol=1e-5, rtol=0)
+        previous, d_prev = now, d
 
     # the final genotype is the greedy selection, within the budget, and builds
     genotype = load_genotype(tmp_path / "full" / "genotype.json")
     assert genotype == full.genotype
     assert {k: v for k, v in genotype.to_dict().items() if k != "source"} == lines[-1]["genotype"]
-    assert _cpu_params(data, genotype) == full.extra["final_params"] <= 4000
+    assert _cpu_params(data, genotype) == full.extra["final_params"]
     assert [e["decision"] for e in full.extra["selection"]].count("added") <= 16
+    empty = _selector(data, None).empty_params()
     # one search serves other budgets: the selection again from the logged raw alphas
     again = select_under_budget(lines[-1]["alpha_raw"], data.meta, "4k", 4, 3)
     assert again.genotype.to_dict() == lines[-1]["genotype"] and again.params == full.extra["final_params"]
+    _assert_official(again, 4000, empty)
     for budget in ("3k", "6k"):
-        assert select_under_budget(lines[-1]["alpha_raw"], data.meta, budget, 4, 3).params <= parse_count(budget)
+        _assert_official(select_under_budget(lines[-1]["alpha_raw"], data.meta, budget, 4, 3), parse_count(budget),
+                         empty)
+        strict = select_under_budget(lines[-1]["alpha_raw"], data.meta, budget, 4, 3, budget_rule="strict")
+        assert strict.params <= parse_count(budget)
 
     # the report's summary: means per op type and cell kind, per contribution epoch
     s = summarise_contributions(lines)
@@ -437,8 +583,11 @@ def test_settings_are_checked_with_one_line(data):
     strat = build_strategy("lrnas", {**TINY, "max_params": "1k"})
     with pytest.raises(UserError, match="max_params=1.0k is below the .* parameters of the final network"):
         strat.search(_ctx(data))
+    with pytest.raises(UserError, match="after_budget=fit applies to budget_rule: strict"):
+        build_strategy("lrnas", {"after_budget": "fit"})
     cfg = build_strategy("lrnas").cfg
     assert (cfg.orderings, cfg.mu, cfg.eta, cfg.marginal, cfg.weight_adv) == (10, 0.2, 0.1, "previous", "none")
+    assert (cfg.alpha_update, cfg.budget_rule) == ("kind-zscore", "official")  # the public code's
 
 
 def test_shipped_config_validates_and_matches_the_final_network(data):
@@ -448,3 +597,6 @@ def test_shipped_config_validates_and_matches_the_final_network(data):
     strat = build_strategy(cmd.method, cmd.search)
     assert (strat.cfg.final_C, strat.cfg.final_layers) == (cmd.final.C, cmd.final.layers)
     assert strat.cfg.weight_adv == "none" and strat.cfg.max_params is not None
+    assert (strat.cfg.budget_rule, strat.cfg.alpha_update) == ("official", "kind-zscore")  # paper-shaped
+    bench = yaml.safe_load((ROOT / "configs" / "benchmark.yaml").read_text())["methods"]["lrnas"]
+    assert build_strategy("lrnas", bench).cfg.budget_rule == "strict"  # one shared budget: never past it

@@ -79,7 +79,7 @@ def _base(tmp_path, method, search, final):
 
 LRNAS = {"C": 4, "layers": 3, "partial_channels_k": 1, "batch_size": 32, "epochs": 1, "warmup_epochs": 0,
          "max_batches_per_epoch": 2, "val_n": 16, "val_steps": 1, "orderings": 1, "contrib_batch_size": 8,
-         "final_C": 4, "final_layers": 3, "max_params": "5k", "report_budgets": ["4k", "20k"]}
+         "final_C": 4, "final_layers": 3, "max_params": "5k", "report_budgets": ["4k", "20k"], "budget_rule": "strict"}
 
 
 def test_lrnas_run_trains_the_network_its_budget_counted_and_reports_contributions(tmp_path):

@@ -16,6 +16,9 @@ Choices (documented in docs/lrnas.md):
 - fgsm="full-network" (default, the public code's choice, about 2.5x cheaper) makes the FGSM examples once
   per ordering against the full supernet, so the robust game is accuracy on fixed perturbed inputs;
   "per-subset" attacks every subset itself (the robust accuracy of that subnetwork).
+- alpha_update="kind-zscore" (default, the public code): the values are z-scored within each cell kind
+  and a momentum of the increments moves the alphas; "joint-l2": METHODS.md's formula, one L2
+  normalisation over both kinds and a normalised momentum (every round moves the alphas by eta).
 - The 225 nested subsets of an ordering are evaluated `eval_chunk` at a time in one forward: the batch is
   stacked once per subset and every op runs only on the rows of the subsets that still hold it (a masked
   op's output is multiplied by zero in the supernet, so skipping it gives the same sums). `impl="naive"`
@@ -23,8 +26,10 @@ Choices (documented in docs/lrnas.md):
 
 The derivation (`LrnasSuperNet.genotype`) is the greedy selection: each edge's best op by raw alpha
 (`none` allowed), edges of both cell kinds in decreasing alpha, filling the two input slots of each node;
-before each addition the FINAL network (final_C, final_layers) is built on the meta device and counted,
-and an op is added only when the network stays within max_params.
+the FINAL network (final_C, final_layers) is built on the meta device and counted. budget_rule="official"
+(default, the public code) counts the network before the addition: while it is within max_params any op
+goes in, so the last op may take it past the budget; past it only none, pools and skip_connect go in.
+"strict" counts it after the addition and adds an op only when the network stays within max_params.
 """
 
 from __future__ import annotations
@@ -83,9 +88,9 @@ def removal_drops(values: Tensor, order: Tensor, marginal: Literal["previous", "
     return drops
 
 
-def zscore(t: Tensor, dim: int) -> Tensor:
-    """(t - mean) / std along dim (population std); 0 where the std is 0 (nothing to rank)."""
-    std = t.std(dim, unbiased=False, keepdim=True)
+def zscore(t: Tensor, dim: int, unbiased: bool = False) -> Tensor:
+    """(t - mean) / std along dim (population std unless unbiased); 0 where the std is 0 (nothing to rank)."""
+    std = t.std(dim, unbiased=unbiased, keepdim=True)
     z = (t - t.mean(dim, keepdim=True)) / std
     return torch.where(std > 0, z, torch.zeros_like(z))
 
@@ -97,11 +102,23 @@ def contribution_values(drops: Tensor) -> Tensor:
 
 
 def momentum_update(alpha: Tensor, v: Tensor, values: Tensor, mu: float, eta: float) -> tuple[Tensor, Tensor]:
-    """v <- (1 - mu) v + mu V/||V||;  alpha <- alpha + eta v/||v||  (flat tensors; a zero norm moves nothing)."""
+    """alpha_update "joint-l2" (METHODS.md): v <- (1 - mu) v + mu V/||V||;  alpha <- alpha + eta v/||v||
+    (flat tensors, both cell kinds in one norm; a zero norm moves nothing)."""
     n = values.norm()
     v = (1 - mu) * v + mu * (values / n if n > 0 else torch.zeros_like(values))
     nv = v.norm()
     return (alpha + eta * v / nv if nv > 0 else alpha.clone()), v
+
+
+def kind_zscore_update(alpha: Tensor, d: Tensor, values: Tensor, mu: float, eta: float,
+                       kinds: int = 2) -> tuple[Tensor, Tensor]:
+    """alpha_update "kind-zscore" (the public code's update_alpha): V z-scored within each of `kinds` equal
+    parts (the cell kinds; std with Bessel's correction, as torch.std), d <- eta ((1 - mu) d + mu z),
+    alpha <- alpha + d. The momentum is kept on the increment d itself (the public code hands its last
+    increment back as the previous value), so the previous round weighs eta (1 - mu) = 0.08."""
+    z = zscore(values.view(kinds, -1), 1, unbiased=True).flatten()
+    d = eta * ((1 - mu) * d + mu * z)
+    return alpha + d, d
 
 
 # ================================================================================================ players
@@ -300,17 +317,29 @@ class Selection:
     log: list[dict] = field(default_factory=list)
 
 
+# the ops the public code still adds once the network is past the budget (its PRIMITIVES[:4]); a
+# skip_connect on a stride-2 edge is among them although it is a FactorizedReduce with weights
+PUBLIC_FREE_OPS = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect")
+
+
 class GreedySelector:
     """LRNAS's budgeted derivation; counts the FINAL network (final C and layers) built on the meta device.
 
-    after_budget "free-only" (the paper): once an op would break the budget, only parameter-free ops
-    are added; "fit": every later op that still fits is added too.
+    budget_rule "official" (the public code): an op goes in while the network BEFORE it is within the
+    budget, so the op that crosses the budget is kept; past the budget only PUBLIC_FREE_OPS go in.
+    "strict": the network is counted AFTER the addition and never exceeds the budget; after_budget then
+    says what follows the first refusal: "free-only" adds only ops that add no parameters (counted),
+    "fit" every later op that still fits.
     """
 
     def __init__(self, meta: DatasetMeta, C: int, layers: int, max_params: Optional[int] = None,
                  primitives: Sequence[str] = PRIMITIVES, steps: int = 4, multiplier: int = 4,
                  after_budget: Literal["free-only", "fit"] = "free-only", kinds: Sequence[str] = ("normal", "reduce"),
-                 reduction_layers: Optional[Sequence[int]] = None):
+                 reduction_layers: Optional[Sequence[int]] = None,
+                 budget_rule: Literal["official", "strict"] = "official"):
+        if budget_rule == "official" and after_budget != "free-only":
+            raise ValueError(f"after_budget={after_budget!r} applies to budget_rule 'strict' only")
+        self.budget_rule = budget_rule
         self.meta, self.C, self.layers = meta, C, layers
         self.net_kw = {} if reduction_layers is None else {"reduction_layers": list(reduction_layers)}
         self.budget = math.inf if max_params is None else int(max_params)
@@ -374,6 +403,13 @@ class GreedySelector:
             entry = {"kind": kind, "edge": e, "node": node, "input": j, "op": op, "alpha": -neg}
             if len(cells[kind][node]) == 2:
                 entry["decision"] = "node full"
+            elif self.budget_rule == "official":  # counted before the addition
+                if params <= self.budget or op in PUBLIC_FREE_OPS:
+                    cells[kind][node].append((op, j))
+                    params = self.count(self._genotype(cells))
+                    entry["decision"] = "added"
+                else:
+                    entry["decision"] = "over budget"
             else:
                 cells[kind][node].append((op, j))
                 n = self.count(self._genotype(cells))
@@ -394,13 +430,14 @@ class GreedySelector:
 
 def select_under_budget(alphas: dict[str, Any], meta: DatasetMeta, max_params: Optional[str | int], C: int,
                         layers: int, after_budget: Literal["free-only", "fit"] = "free-only",
-                        reduction_layers: Optional[Sequence[int]] = None) -> Selection:
+                        reduction_layers: Optional[Sequence[int]] = None,
+                        budget_rule: Literal["official", "strict"] = "official") -> Selection:
     """The greedy selection for raw alphas {kind: edges x ops} (tensors or the nested lists of a search's
     `alpha_raw`) under another budget: the contributions do not depend on the budget, so one search
     serves every budget."""
     budget = parse_count(max_params) if max_params is not None else None
     selector = GreedySelector(meta, C, layers, budget, PRIMITIVES, after_budget=after_budget,
-                              reduction_layers=reduction_layers)
+                              reduction_layers=reduction_layers, budget_rule=budget_rule)
     selector.check()
     return selector.select({k: torch.as_tensor(v, dtype=torch.float64) for k, v in alphas.items()})
 
@@ -443,12 +480,14 @@ class LrnasConfig(SupernetConfig):
     eval_chunk: Optional[int] = Field(default=None, ge=1)  # subsets per batched forward; None: auto_chunk
     mu: float = Field(default=0.2, ge=0, le=1)        # 0.2
     eta: float = Field(default=0.1, gt=0)             # 0.1
+    alpha_update: Literal["kind-zscore", "joint-l2"] = "kind-zscore"  # public code: kind-zscore
     # --- greedy selection: counts the FINAL network (train it with these C and layers)
     max_params: ParamCount = None                     # 2.0M at final_C 36, final_layers 20; None: no budget
     final_C: int = Field(default=10, ge=2)            # 36
     final_layers: int = Field(default=8, ge=1)        # 20
     final_reduction_layers: Optional[list[int]] = None  # None: the DARTS rule (layers//3, 2*layers//3)
-    after_budget: Literal["free-only", "fit"] = "free-only"
+    budget_rule: Literal["official", "strict"] = "official"  # public code: official (may pass max_params by one op)
+    after_budget: Literal["free-only", "fit"] = "free-only"  # strict only
     # the report also shows the selection under these budgets (one search serves every budget)
     report_budgets: list[str] = ["50k", "100k", "200k"]
 
@@ -456,6 +495,8 @@ class LrnasConfig(SupernetConfig):
     def _check_channels(self) -> "LrnasConfig":
         if self.final_C % 2:
             raise ValueError(f"final_C={self.final_C} must be even (FactorizedReduce splits the channels)")
+        if self.budget_rule == "official" and self.after_budget != "free-only":
+            raise ValueError(f"after_budget={self.after_budget} applies to budget_rule: strict only")
         return self
 
 
@@ -481,14 +522,19 @@ class Lrnas(SupernetSearch):
         budget = parse_count(cfg.max_params) if cfg.max_params is not None else None
         selector = GreedySelector(meta, cfg.final_C, cfg.final_layers, budget, PRIMITIVES,
                                   after_budget=cfg.after_budget, kinds=LrnasSuperNet.alpha_names,
-                                  reduction_layers=cfg.final_reduction_layers)
+                                  reduction_layers=cfg.final_reduction_layers, budget_rule=cfg.budget_rule)
         selector.check()
         return LrnasSuperNet(cfg.C, meta.num_classes, cfg.layers, meta.shape, meta.mean, meta.std,
                              partial_channels_k=cfg.partial_channels_k, selector=selector)
 
     def setup(self, ctx: SearchContext) -> None:
         super().setup(ctx)
-        self.momentum = torch.zeros(sum(a.numel() for a in self.alphas), dtype=torch.float64)
+        P = sum(a.numel() for a in self.alphas)
+        if self.cfg.alpha_update == "kind-zscore":  # the public code starts its increments at 1e-3 N(0, 1)
+            g = torch.Generator().manual_seed(ctx.seed)
+            self.momentum = 1e-3 * torch.randn(P, generator=g, dtype=torch.float64)
+        else:
+            self.momentum = torch.zeros(P, dtype=torch.float64)
 
     def alpha_step(self, batch: SearchBatch) -> dict[str, Any]:
         return {}  # no gradient step: the alphas move once per epoch, in epoch_info
@@ -524,8 +570,13 @@ class Lrnas(SupernetSearch):
                                  float(F_[0]), float(F_[1]), time.perf_counter() - t0)
 
     def apply_values(self, values: Tensor) -> None:
+        cfg = self.cfg
         flat = torch.cat([a.detach().reshape(-1).double().cpu() for a in self.alphas])
-        new, self.momentum = momentum_update(flat, self.momentum, values.double(), self.cfg.mu, self.cfg.eta)
+        if cfg.alpha_update == "kind-zscore":
+            new, self.momentum = kind_zscore_update(flat, self.momentum, values.double(), cfg.mu, cfg.eta,
+                                                    len(self.alphas))
+        else:
+            new, self.momentum = momentum_update(flat, self.momentum, values.double(), cfg.mu, cfg.eta)
         with torch.no_grad():
             start = 0
             for a in self.alphas:
@@ -591,7 +642,7 @@ class Lrnas(SupernetSearch):
                                                                       else [])))
             for b in budgets:
                 sel = select_under_budget(alphas, meta, b, C, layers, self.cfg.after_budget,
-                                          self.cfg.final_reduction_layers)
+                                          self.cfg.final_reduction_layers, self.cfg.budget_rule)
                 edges = [(op, 2 if kind == "reduce" and j < 2 else 1)  # reduce cells' inputs at stride 2
                          for kind in self.net.alpha_names for op, j in getattr(sel.genotype, kind)]
                 counts = {"param": sum(has_parameters(op, st) for op, st in edges),
