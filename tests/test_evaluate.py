@@ -3,6 +3,7 @@ strength, the AutoAttack adapter is pyautoattack exactly, a gradient-masked mode
 directory gets RobustBench-shaped metrics and a report."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustnas.analysis import hrs, pareto_front
-from robustnas.attacks import ATTACKS, get_attack, pgd, run_autoattack, square, transfer
+from robustnas.attacks import (ATTACKS, autoattack_static_checks, get_attack, pgd, run_autoattack, square,
+                               transfer)
 from robustnas.config import TrainCommand, to_yaml
 from robustnas.data import load_dataset
 from robustnas.errors import UserError
@@ -225,6 +227,35 @@ def test_gradient_masked_model_is_flagged_and_its_honest_twin_is_not(digits, sta
     assert "UNRELIABLE" in render_markdown(bad) and "gradients_nonzero" in unreliable_banner(bad)
     assert good["reliable"] is True, {k: v for k, v in good["sanity"].items() if v["status"] == "fail"}
     assert unreliable_banner(good) is None
+
+
+class WarnsInForward(nn.Module):
+    """A network that raises an unrelated Python warning on every forward pass."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        warnings.warn("an unrelated deprecation inside the model", DeprecationWarning)
+        return self.net(x)
+
+
+@pytest.mark.filterwarnings("ignore:an unrelated deprecation")
+def test_only_pyautoattacks_own_flags_mark_an_evaluation_unreliable(digits, robust):
+    x, y = digits.test.x[:40], digits.test.y[:40]
+    log = []
+    m = evaluate_model(WarnsInForward(robust).eval(), x, y, EPS, attacks=("fgsm", "pgd20", "apgd-ce"),
+                       attack_options={"apgd-ce": {"n_iter": 10}}, progress=False, log=log)
+    assert m["sanity"]["autoattack_flags"]["status"] == "pass" and m["reliable"] is True, m["sanity"]
+    assert any("an unrelated deprecation" in line for line in log)  # logged, not a flag
+    # pyautoattack's own flags still count, whichever way they come: its static checks (logits expected,
+    # probabilities given) and its zero-gradient check inside APGD-T
+    flags, _ = autoattack_static_checks(nn.Sequential(robust, nn.Softmax(1)).eval(), x, y)
+    assert any("probability distribution" in f for f in flags)
+    result = run_autoattack(nn.Sequential(RoundInput(), robust).eval(), x[:8], y[:8], EPS, version="custom",
+                            attacks=["apgd-t"], n_iter=2)
+    assert any("zero gradient" in f for f in result.warnings)
 
 
 def test_certified_accuracy_is_below_every_attack(digits, robust):
