@@ -67,7 +67,7 @@ def large_eps(norm: str, in_shape: Sequence[int]) -> float:
     """A radius whose ball around any image in [0,1]^d holds the uniform mid-gray image.
 
     Every image whose label differs from the model's prediction for gray is then provably breakable at this
-    radius, so a working attack must break every one of them.
+    radius, so a working attack leaves at most the images of the class predicted for gray (about 1/K).
     """
     return 0.5 if norm == "Linf" else 0.5 * math.sqrt(math.prod(in_shape))
 
@@ -256,19 +256,16 @@ def sanity_checks(model: nn.Module, runner: AttackRunner, masks: dict[str, Tenso
                         f"share of images with an exactly zero input gradient: {frac['CE']:.1%} of the "
                         f"cross-entropy, {frac['margin']:.1%} of the margin (limit {MAX_ZERO_GRAD_FRACTION:.0%})"))
 
-    # 3. the attack itself breaks every image that is provably breakable in a large ball: PGD-20 from the
-    # clean image (a random start of this size could do the work alone and hide an attack that cannot move)
+    # 3. in a ball that holds the mid-gray image the attack is at least as strong as that one image: PGD-20
+    # from the clean image (a random start of this size could do the work alone and hide an attack that
+    # cannot move)
     big = large_eps(norm, tuple(x.shape[1:]))
     with torch.no_grad(), eval_mode(model):
-        gray_pred = model(torch.full_like(x[:1], 0.5)).argmax(1)
-    breakable = y[:k] != gray_pred
+        gray_robust = y[:k] == model(torch.full_like(x[:1], 0.5)).argmax(1)
     robust_big = runner.run("pgd20", eps=big, label=f"pgd20@{format_eps(big)}", count=k,
                             options={"random_start": False})
-    missed = int((robust_big & breakable).sum())
-    checks.append(Check("large_eps", "fail" if missed else "pass",
-                        f"PGD-20 without random start at {norm} eps {format_eps(big)} on {k} images: accuracy "
-                        f"{_acc(robust_big):.3f}; the mid-gray image, inside every such ball, breaks "
-                        f"{int(breakable.sum())} of them and the attack left {missed} of those robust (must be 0)"))
+    checks.append(_compare("large_eps", f"PGD-20 at {norm} eps {format_eps(big)} from the clean image", robust_big,
+                           "the mid-gray image", gray_robust & runner.clean[:k], "above"))
 
     # 4. more steps change nothing significant: PGD-20 has converged (and is not unstable)
     m100 = masks["pgd100"]
@@ -277,9 +274,11 @@ def sanity_checks(model: nn.Module, runner: AttackRunner, masks: dict[str, Tenso
     # 5. one step is not stronger than many
     checks.append(_compare("fgsm_vs_pgd", "FGSM", masks["fgsm"], "PGD-20", masks["pgd20"], "below"))
 
-    # 6. the margin loss is not stronger than the cross-entropy (a saturated softmax hides gradients from CE)
+    # 6. the margin loss is not stronger than the attacks reported (a saturated softmax hides the gradient
+    # of the cross-entropy that PGD and FGSM climb)
     cw = masks["cw"][:k] if "cw" in masks else runner.run("cw", count=k)
-    checks.append(_compare("margin_vs_ce", "CW (margin)", cw, "PGD-20 (CE)", masks["pgd20"][:len(cw)], "below"))
+    reported = torch.stack([masks[a][:k] for a in asked]).all(0)
+    checks.append(_compare("margin_vs_ce", "CW (margin)", cw, "+".join(asked), reported, "below"))
 
     # 7. black-box attacks are not stronger than the white-box ones together
     white = [w for w in masks if w not in BLACK_BOX and w != "autoattack" and len(masks[w]) == n]
