@@ -10,6 +10,7 @@ Every attack puts the model in eval mode, restores the caller's mode, and leaves
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import re
@@ -17,6 +18,7 @@ import sys
 import warnings
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator, Literal, Optional, Union
 
 import torch
@@ -268,26 +270,45 @@ class AutoAttackResult:
     log: list[str] = field(default_factory=list)
 
 
+def _is_autoattack_flag(path: str) -> bool:
+    """Whether a log record or Python warning was raised by pyautoattack's checks.py: its reliability flags
+    (randomized / dynamic defence, probabilities as outputs, zero gradients, Square beating the rest, too
+    many target classes) come from there and nowhere else."""
+    try:
+        return Path(path).resolve() == _autoattack_checks_file()
+    except (OSError, TypeError):
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def _autoattack_checks_file() -> Path:
+    from pyautoattack import checks
+
+    return Path(checks.__file__).resolve()
+
+
 class _ListHandler(logging.Handler):
-    def __init__(self, lines: list[str], warnings_: list[str], on_message: Optional[Callable[[str], None]]):
+    def __init__(self, lines: list[str], flags: list[str], on_message: Optional[Callable[[str], None]]):
         super().__init__(logging.DEBUG)
-        self.lines, self.warnings, self.on_message = lines, warnings_, on_message
+        self.lines, self.flags, self.on_message = lines, flags, on_message
 
     def emit(self, record: logging.LogRecord) -> None:
         msg = record.getMessage()
         self.lines.append(f"{record.levelname.lower()}: {msg}")
-        if record.levelno >= logging.WARNING:
-            self.warnings.append(msg)
+        if record.levelno >= logging.WARNING and _is_autoattack_flag(record.pathname):
+            self.flags.append(msg)
         if self.on_message is not None:
             self.on_message(msg)
 
 
 @contextmanager
-def capture_autoattack_output(lines: list[str], warnings_: list[str],
+def capture_autoattack_output(lines: list[str], flags: list[str],
                               on_message: Optional[Callable[[str], None]] = None) -> Iterator[None]:
-    """Route pyautoattack's logger, prints and Python warnings into `lines` (flags also into `warnings_`)."""
+    """Route pyautoattack's logger, prints and Python warnings into `lines`; its reliability flags (raised by
+    its checks.py, through its logger or as Python warnings) also into `flags`. Any other warning raised
+    during the run (a deprecation in torch, the model's own) is logged and is not a flag."""
     logger = logging.getLogger(AA_LOGGER)
-    handler = _ListHandler(lines, warnings_, on_message)
+    handler = _ListHandler(lines, flags, on_message)
     old_level, old_propagate = logger.level, logger.propagate
     logger.setLevel(logging.DEBUG)
     logger.propagate = False  # nothing reaches the root logger or stderr
@@ -306,7 +327,8 @@ def capture_autoattack_output(lines: list[str], warnings_: list[str],
         lines.extend(f"print: {line}" for line in out.getvalue().splitlines() if line.strip())
         for w in caught:
             lines.append(f"warning: {w.message}")
-            warnings_.append(str(w.message))
+            if _is_autoattack_flag(w.filename):
+                flags.append(str(w.message))
 
 
 @contextmanager

@@ -7,8 +7,9 @@ per-sample worst case over all attacks is well defined.
 
 Sanity checks (Carlini et al. 2019, "On evaluating adversarial robustness"; Athalye et al. 2018; Croce &
 Hein 2020's flags, which pyautoattack raises itself) run with every evaluation; one failure marks the
-whole evaluation unreliable. Differences between two accuracies on the same n images are compared with
-`noise(p, n)` = two binomial standard errors plus one image, so n = 100 tolerates ~10 points, n = 1000 ~3.
+whole evaluation unreliable. Two attacks run on the same images are compared image by image
+(`paired_difference`): a check fails only when the interval of the difference of their accuracies lies
+wholly on the wrong side of zero. docs/evaluation.md lists the checks and what each one catches.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from typing import Any, Optional, Sequence
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from scipy.stats import binomtest
 from torch import Tensor, nn
 
 from robustnas.analysis import hrs
 from robustnas.attacks import (PYAUTOATTACK_ATTACKS, AutoAttackResult, attack_names, autoattack_static_checks,
-                               eval_mode, get_attack, margin_loss, run_autoattack, transfer_from as bind_transfer)
+                               ce_loss, eval_mode, get_attack, margin_loss, run_autoattack,
+                               transfer_from as bind_transfer)
 from robustnas.config import format_eps, load_yaml, parse_eps
 from robustnas.errors import UserError
 from robustnas.size import count_flops, count_params
@@ -37,20 +40,35 @@ DEFAULT_ATTACKS = ("fgsm", "pgd20", "autoattack")
 CERTIFY_METHODS = ("ibp", "crown", "crown-ibp")
 BLACK_BOX = ("square", "transfer")
 MAX_ZERO_GRAD_FRACTION = 0.01  # above this share of images with an exactly zero input gradient: masking
+SANITY_LEVEL = 0.95  # confidence level of the paired intervals the checks compare two attacks with
 
 
 # ------------------------------------------------------------------------------------------ small helpers
-def noise(p: float, n: int) -> float:
-    """Tolerance for comparing two accuracies near p measured on the same n images."""
-    n = max(n, 1)
-    return 2 * math.sqrt(max(p * (1 - p), 0.0) / n) + 1 / n
+def paired_difference(a: Tensor, b: Tensor, level: float = SANITY_LEVEL) -> tuple[float, float, float]:
+    """acc(a) - acc(b) and its interval, for two per-image robust masks of the same images.
+
+    Only the images on which the two attacks disagree carry information. Of those d images, k are robust
+    to a only; given d, k is binomial, and its exact (Clopper-Pearson) interval scaled by d / n bounds the
+    difference. The interval excludes 0 exactly when McNemar's exact test rejects at 1 - level.
+    (A helper for the checks; it belongs in robustnas/stats.py.)
+    """
+    return _paired_interval(int((a & ~b).sum()), int((~a & b).sum()), len(a), level)
+
+
+def _paired_interval(only_a: int, only_b: int, n: int, level: float = SANITY_LEVEL) -> tuple[float, float, float]:
+    d = only_a + only_b
+    diff = (only_a - only_b) / max(n, 1)
+    if d == 0:
+        return diff, 0.0, 0.0
+    ci = binomtest(only_a, d).proportion_ci(confidence_level=level, method="exact")
+    return diff, d / n * (2 * ci.low - 1), d / n * (2 * ci.high - 1)
 
 
 def large_eps(norm: str, in_shape: Sequence[int]) -> float:
     """A radius whose ball around any image in [0,1]^d holds the uniform mid-gray image.
 
-    Every image can then be replaced by the same gray one, so no model can be robust on more images than
-    those whose label it predicts for gray (about 1/K): a sound attack must get the accuracy that low.
+    Every image whose label differs from the model's prediction for gray is then provably breakable at this
+    radius, so a working attack leaves at most the images of the class predicted for gray (about 1/K).
     """
     return 0.5 if norm == "Linf" else 0.5 * math.sqrt(math.prod(in_shape))
 
@@ -126,14 +144,15 @@ class AttackRunner:
         self.outside_box[key] = max(self.outside_box.get(key, 0.0), out)
 
     def run(self, name: str, eps: Optional[float] = None, label: Optional[str] = None,
-            count: Optional[int] = None) -> Tensor:
+            count: Optional[int] = None, options: Optional[dict] = None) -> Tensor:
         """Boolean mask of the (first `count`) images robust to attack `name` at `eps` (default: the
-        evaluation's eps)."""
+        evaluation's eps); `options` are added to the attack's own (e.g. random_start=False)."""
         eps = self.eps if eps is None else eps
         label = label or name
         k = self.n if count is None else min(count, self.n)
         t0 = time.perf_counter()
-        options = self.options.get(name, {}) if label == name else {}  # options apply at the asked eps
+        own = self.options.get(name, {}) if label == name else {}  # configured options apply at the asked eps
+        options = {**own, **(options or {})}
         if name in PYAUTOATTACK_ATTACKS:
             mask = self._run_pyautoattack(name, self.x[:k], self.y[:k], eps, label, options)
         else:
@@ -191,23 +210,36 @@ def _acc(mask: Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------ sanity checks
-def _zero_gradient_fraction(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> float:
-    """Share of images whose margin loss has an exactly zero input gradient (margins do not saturate)."""
+def _zero_gradient_fraction(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, loss=margin_loss) -> float:
+    """Share of images whose `loss` has an exactly zero input gradient."""
     zero = 0
     with eval_mode(model):
         for i in range(0, len(x), batch_size):
             xb = x[i:i + batch_size].detach().clone().requires_grad_(True)
-            (g,) = torch.autograd.grad(margin_loss(model(xb), y[i:i + batch_size]).sum(), xb)
+            (g,) = torch.autograd.grad(loss(model(xb), y[i:i + batch_size]).sum(), xb)
             zero += (g.flatten(1).abs().sum(1) == 0).sum().item()
     return zero / max(len(x), 1)
+
+
+def _compare(name: str, a_name: str, a: Tensor, b_name: str, b: Tensor, fail_if: str) -> Check:
+    """Compare two attacks on the same images; fail when acc(a) - acc(b) is significantly `fail_if`
+    ("below" 0, "above" 0, or "either" side)."""
+    diff, lo, hi = paired_difference(a, b)
+    bad = {"below": hi < 0, "above": lo > 0, "either": hi < 0 or lo > 0}[fail_if]
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    return Check(name, "fail" if bad else "pass",
+                 f"{a_name} {_acc(a):.3f} vs {b_name} {_acc(b):.3f} on the same {len(a)} images: difference "
+                 f"{diff:+.3f} ({SANITY_LEVEL:.0%} interval {lo:+.3f} to {hi:+.3f}); broken by {a_name} alone: "
+                 f"{only_b}, by {b_name} alone: {only_a}")
 
 
 def sanity_checks(model: nn.Module, runner: AttackRunner, masks: dict[str, Tensor], asked: Sequence[str],
                   aa_flags: list[str], sanity_n: int) -> list[Check]:
     """The checklist. `masks` holds the per-image results at eps of every attack run so far (fgsm, pgd20
-    and pgd100 among them; pgd100 possibly on the first `sanity_n` images only)."""
+    and pgd100 among them; pgd100 possibly on the first `sanity_n` images only). The checks' own extra
+    attacks (PGD-20 at a large eps, CW unless asked) see the first `sanity_n` images."""
     x, y, n, norm, bs = runner.x, runner.y, runner.n, runner.norm, runner.batch_size
-    acc = {k: _acc(v) for k, v in masks.items()}
+    k = min(sanity_n, n)
     checks: list[Check] = []
 
     # 1. deterministic forward: a randomized model makes every gradient attack number meaningless
@@ -218,77 +250,70 @@ def sanity_checks(model: nn.Module, runner: AttackRunner, masks: dict[str, Tenso
     checks.append(Check("deterministic_forward", "pass" if ok else "fail",
                         f"two eval forwards of the same {len(a)} images differ by at most {diff:.2e}"))
 
-    # 2. input gradients exist
-    frac = _zero_gradient_fraction(model, x, y, bs)
-    checks.append(Check("gradients_nonzero", "pass" if frac <= MAX_ZERO_GRAD_FRACTION else "fail",
-                        f"{frac:.1%} of images have an exactly zero input gradient of the margin loss "
-                        f"(limit {MAX_ZERO_GRAD_FRACTION:.0%})"))
+    # 2. input gradients exist, of the cross-entropy PGD and FGSM climb and of the margin CW climbs
+    frac = {loss: _zero_gradient_fraction(model, x, y, bs, fn) for loss, fn in (("CE", ce_loss),
+                                                                                ("margin", margin_loss))}
+    checks.append(Check("gradients_nonzero", "pass" if max(frac.values()) <= MAX_ZERO_GRAD_FRACTION else "fail",
+                        f"share of images with an exactly zero input gradient: {frac['CE']:.1%} of the "
+                        f"cross-entropy, {frac['margin']:.1%} of the margin (limit {MAX_ZERO_GRAD_FRACTION:.0%})"))
 
-    # 3. a large ball brings accuracy to (about) chance
+    # 3. in a ball that holds the mid-gray image the attack is at least as strong as that one image: PGD-20
+    # from the clean image (a random start of this size could do the work alone and hide an attack that
+    # cannot move)
     big = large_eps(norm, tuple(x.shape[1:]))
     with torch.no_grad(), eval_mode(model):
-        gray_pred = model(torch.full_like(x[:1], 0.5)).argmax(1)
-    k = min(sanity_n, n)
-    bound = _acc(y[:k] == gray_pred)
-    acc_big = _acc(runner.run("pgd20", eps=big, label=f"pgd20@{format_eps(big)}", count=k))
-    tol = noise(bound, k)
-    checks.append(Check("large_eps", "pass" if acc_big <= bound + tol else "fail",
-                        f"PGD-20 at {norm} eps {format_eps(big)} (a ball holding the mid-gray image) on {k} "
-                        f"images: accuracy {acc_big:.3f}; the gray image alone gets it to {bound:.3f} "
-                        f"(+ noise {tol:.3f})"))
+        gray_robust = y[:k] == model(torch.full_like(x[:1], 0.5)).argmax(1)
+    robust_big = runner.run("pgd20", eps=big, label=f"pgd20@{format_eps(big)}", count=k,
+                            options={"random_start": False})
+    checks.append(_compare("large_eps", f"PGD-20 at {norm} eps {format_eps(big)} from the clean image", robust_big,
+                           "the mid-gray image", gray_robust & runner.clean[:k], "above"))
 
-    # 4. more steps do not raise accuracy (the attack has converged)
-    k = len(masks["pgd100"])
-    p20k, p100 = _acc(masks["pgd20"][:k]), acc["pgd100"]
-    tol = noise(p20k, k)
-    checks.append(Check("more_steps", "pass" if p100 <= p20k + tol else "fail",
-                        f"PGD-100 {p100:.3f} vs PGD-20 {p20k:.3f} on the same {k} images (noise {tol:.3f})"))
+    # 4. more steps change nothing significant: PGD-20 has converged (and is not unstable)
+    m100 = masks["pgd100"]
+    checks.append(_compare("more_steps", "PGD-100", m100, "PGD-20", masks["pgd20"][:len(m100)], "either"))
 
     # 5. one step is not stronger than many
-    p20 = acc["pgd20"]
-    tol = noise(p20, n)
-    checks.append(Check("fgsm_vs_pgd", "pass" if acc["fgsm"] >= p20 - tol else "fail",
-                        f"FGSM {acc['fgsm']:.3f} vs PGD-20 {p20:.3f} (noise {tol:.3f})"))
+    checks.append(_compare("fgsm_vs_pgd", "FGSM", masks["fgsm"], "PGD-20", masks["pgd20"], "below"))
 
-    # 6. black-box attacks are not stronger than white-box ones
-    white = {k: v for k, v in acc.items() if k not in BLACK_BOX and k != "autoattack" and len(masks[k]) == n}
-    wb_name = min(white, key=white.get)
-    bb = [k for k in BLACK_BOX if k in asked]
+    # 6. the margin loss is not stronger than the attacks reported (a saturated softmax hides the gradient
+    # of the cross-entropy that PGD and FGSM climb)
+    cw = masks["cw"][:k] if "cw" in masks else runner.run("cw", count=k)
+    reported = torch.stack([masks[a][:k] for a in asked]).all(0)
+    checks.append(_compare("margin_vs_ce", "CW (margin)", cw, "+".join(asked), reported, "below"))
+
+    # 7. black-box attacks are not stronger than the white-box ones together
+    white = [w for w in masks if w not in BLACK_BOX and w != "autoattack" and len(masks[w]) == n]
+    bb = [b for b in BLACK_BOX if b in asked]
     if bb:
-        worst = min(bb, key=lambda k: acc[k])
-        tol = noise(white[wb_name], n)
-        ok = acc[worst] >= white[wb_name] - tol
-        checks.append(Check("blackbox_vs_whitebox", "pass" if ok else "fail",
-                            f"{worst} {acc[worst]:.3f} vs strongest white-box {wb_name} {white[wb_name]:.3f} "
-                            f"(noise {tol:.3f})"))
+        checks.append(_compare("blackbox_vs_whitebox", "+".join(bb), torch.stack([masks[b] for b in bb]).all(0),
+                               "+".join(white), torch.stack([masks[w] for w in white]).all(0), "below"))
     elif "autoattack" in runner.aa_results:
         comp = runner.aa_results["autoattack"].components
         before = comp.get("fab-t", comp.get("apgd-t"))
         if before is not None and "square" in comp:
-            drop = before - comp["square"]
-            tol = noise(before, n)
-            checks.append(Check("blackbox_vs_whitebox", "pass" if drop <= tol else "fail",
-                                f"Square inside AutoAttack took {drop:.3f} more after APGD/FAB "
-                                f"(noise {tol:.3f})"))
+            took = round((before - comp["square"]) * n)
+            _, lo, hi = _paired_interval(0, took, n)
+            checks.append(Check("blackbox_vs_whitebox", "fail" if hi < 0 else "pass",
+                                f"Square inside AutoAttack broke {took} of {n} images that APGD and FAB left "
+                                f"robust ({SANITY_LEVEL:.0%} interval of the difference {lo:+.3f} to {hi:+.3f})"))
         else:
             checks.append(Check("blackbox_vs_whitebox", "skip", "AutoAttack's Square component did not run"))
     else:
         checks.append(Check("blackbox_vs_whitebox", "skip", "no black-box attack (square, transfer) was run"))
 
-    # 7. AutoAttack is at least as strong as PGD
-    if "autoattack" in acc:
-        tol = noise(p20, n)
-        checks.append(Check("autoattack_vs_pgd", "pass" if acc["autoattack"] <= p20 + tol else "fail",
-                            f"AutoAttack {acc['autoattack']:.3f} vs PGD-20 {p20:.3f} (noise {tol:.3f})"))
+    # 8. AutoAttack is at least as strong as PGD
+    if "autoattack" in masks:
+        checks.append(_compare("autoattack_vs_pgd", "AutoAttack", masks["autoattack"], "PGD-20", masks["pgd20"],
+                               "above"))
 
-    # 8. every attack stayed in its ball and in the pixel box (guards against bugs of our own)
-    bad = [k for k in runner.max_perturbation
-           if runner.max_perturbation[k] > 1 + 1e-4 or runner.outside_box[k] > 1e-6]
+    # 9. every attack stayed in its ball and in the pixel box (guards against bugs of our own)
+    bad = [key for key in runner.max_perturbation
+           if runner.max_perturbation[key] > 1 + 1e-4 or runner.outside_box[key] > 1e-6]
     checks.append(Check("perturbation_in_ball", "fail" if bad else "pass",
                         f"outside the ball or [0,1]: {', '.join(bad)}" if bad else
                         "every adversarial image is inside its eps-ball and [0,1]"))
 
-    # 9. AutoAttack's own flags (its checks.py)
+    # 10. AutoAttack's own flags (raised by its checks.py; no other warning counts)
     flags = list(dict.fromkeys(aa_flags))
     checks.append(Check("autoattack_flags", "fail" if flags else "pass",
                         "; ".join(flags) if flags else "pyautoattack raised no flag"))
