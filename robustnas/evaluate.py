@@ -24,7 +24,6 @@ from typing import Any, Optional, Sequence
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from scipy.stats import binomtest
 from torch import Tensor, nn
 
 from robustnas.analysis import hrs
@@ -34,7 +33,7 @@ from robustnas.attacks import (PYAUTOATTACK_ATTACKS, AutoAttackResult, attack_na
 from robustnas.config import format_eps, load_yaml, parse_eps
 from robustnas.errors import UserError
 from robustnas.size import count_flops, count_params
-from robustnas.stats import INTERVALS
+from robustnas.stats import INTERVALS, paired_exact_interval
 
 DEFAULT_ATTACKS = ("fgsm", "pgd20", "autoattack")
 CERTIFY_METHODS = ("ibp", "crown", "crown-ibp")
@@ -45,23 +44,9 @@ SANITY_LEVEL = 0.95  # confidence level of the paired intervals the checks compa
 
 # ------------------------------------------------------------------------------------------ small helpers
 def paired_difference(a: Tensor, b: Tensor, level: float = SANITY_LEVEL) -> tuple[float, float, float]:
-    """acc(a) - acc(b) and its interval, for two per-image robust masks of the same images.
-
-    Only the images on which the two attacks disagree carry information. Of those d images, k are robust
-    to a only; given d, k is binomial, and its exact (Clopper-Pearson) interval scaled by d / n bounds the
-    difference. The interval excludes 0 exactly when McNemar's exact test rejects at 1 - level.
-    (A helper for the checks; it belongs in robustnas/stats.py.)
-    """
-    return _paired_interval(int((a & ~b).sum()), int((~a & b).sum()), len(a), level)
-
-
-def _paired_interval(only_a: int, only_b: int, n: int, level: float = SANITY_LEVEL) -> tuple[float, float, float]:
-    d = only_a + only_b
-    diff = (only_a - only_b) / max(n, 1)
-    if d == 0:
-        return diff, 0.0, 0.0
-    ci = binomtest(only_a, d).proportion_ci(confidence_level=level, method="exact")
-    return diff, d / n * (2 * ci.low - 1), d / n * (2 * ci.high - 1)
+    """acc(a) - acc(b) and its exact conditional interval (stats.paired_exact_interval), for two per-image
+    robust masks of the same images: the interval excludes 0 exactly when McNemar's exact test rejects."""
+    return paired_exact_interval(int((a & ~b).sum()), int((~a & b).sum()), len(a), level)
 
 
 def large_eps(norm: str, in_shape: Sequence[int]) -> float:
@@ -292,7 +277,7 @@ def sanity_checks(model: nn.Module, runner: AttackRunner, masks: dict[str, Tenso
         before = comp.get("fab-t", comp.get("apgd-t"))
         if before is not None and "square" in comp:
             took = round((before - comp["square"]) * n)
-            _, lo, hi = _paired_interval(0, took, n)
+            _, lo, hi = paired_exact_interval(0, took, n, SANITY_LEVEL)
             checks.append(Check("blackbox_vs_whitebox", "fail" if hi < 0 else "pass",
                                 f"Square inside AutoAttack broke {took} of {n} images that APGD and FAB left "
                                 f"robust ({SANITY_LEVEL:.0%} interval of the difference {lo:+.3f} to {hi:+.3f})"))

@@ -71,6 +71,20 @@ def paired_difference(a: np.ndarray, b: np.ndarray, level: float = LEVEL) -> dic
             "p": mcnemar_exact(n10, n01), "test": "mcnemar-exact", "excludes_zero": bool(lo > 0 or hi < 0)}
 
 
+def paired_exact_interval(only_a: int, only_b: int, n: int, level: float = LEVEL) -> tuple[float, float, float]:
+    """acc(a) - acc(b) on n shared images from the discordant counts, with a conditional exact interval.
+
+    Only the d = only_a + only_b images on which the two disagree carry information; given d, only_a is
+    binomial, and its Clopper-Pearson interval scaled by d / n bounds the difference. The interval excludes 0
+    exactly when McNemar's exact test rejects at 1 - level (the sanity checks compare attacks with it)."""
+    d = only_a + only_b
+    diff = (only_a - only_b) / max(n, 1)
+    if d == 0:
+        return diff, 0.0, 0.0
+    ci = binomtest(int(only_a), int(d)).proportion_ci(confidence_level=level, method="exact")
+    return diff, d / n * (2 * ci.low - 1), d / n * (2 * ci.high - 1)
+
+
 def holm(pvalues: Sequence[float]) -> list[float]:
     """Holm's step-down adjusted p-values (scipy has no Holm); reject where adjusted p < alpha."""
     p = np.asarray(pvalues, float)
