@@ -305,7 +305,6 @@ def _print_comparison(result: dict) -> None:
 
 @app.command()
 def archive(
-    list_: bool = typer.Option(False, "--list", help="list the archived architectures (the default)"),
     pareto: bool = typer.Option(False, "--pareto", help="only the Pareto front: most robust for fewest parameters"),
     dataset: Optional[str] = typer.Option(None),
     eps: Optional[str] = typer.Option(None, help='e.g. 0.1 or "8/255"'),

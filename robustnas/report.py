@@ -69,15 +69,6 @@ def plot_robustness_curve(metrics: dict, path: Path) -> Path:
     return path
 
 
-def unreliable_banner(metrics: dict) -> str | None:
-    """One line naming the failed sanity checks, or None when every check passed (for the CLI, in red)."""
-    failed = [k for k, c in (metrics.get("sanity") or {}).items() if c["status"] == "fail"]
-    if not failed:
-        return None
-    return (f"UNRELIABLE EVALUATION: sanity checks failed ({', '.join(failed)}); the robust accuracies are "
-            f"probably overestimates, see report.md")
-
-
 def render_markdown(metrics: dict, title: str = "Evaluation", plot: str | None = None) -> str:
     """report.md for one evaluation; a failed sanity check puts a banner at the top."""
     m: dict[str, Any] = metrics

@@ -207,7 +207,7 @@ def test_cli_archive_lists_and_fronts(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "small" in result.output and "big" in result.output and "worse" not in result.output
     assert "other" not in result.output
-    result = runner.invoke(app, ["archive", "--db", str(db), "--method", "tamnas", "--list"])
+    result = runner.invoke(app, ["archive", "--db", str(db), "--method", "tamnas"])
     assert "worse" in result.output and "other" not in result.output
     result = runner.invoke(app, ["archive", "--db", str(db), "--pareto"])
     assert result.exit_code == 2 and "--dataset" in result.output and "Traceback" not in result.output
