@@ -9,10 +9,21 @@ from typing import Optional
 
 from robustnas.config import parse_eps
 from robustnas.rundir import atomic_write_text
+from robustnas.size import format_count
 
 GROUP_TITLES = {"random": "NAS, random DARTS genotypes", "published": "NAS, published genotypes",
                 "handcrafted": "hand-crafted", "nas": "NAS (random + published)"}
-GROUP_COLORS = {"random": "tab:green", "published": "tab:blue", "handcrafted": "tab:red", "ensemble": "tab:purple"}
+GROUP_COLORS = {"random": "tab:green", "published": "tab:blue", "handcrafted": "tab:red", "ensemble": "tab:purple",
+                "member": "tab:olive"}
+BUDGET_TITLES = {
+    "unmatched": ("Unmatched: every member at the full budget",
+                  "Each ensemble has about k times the parameters (more with the one_by_one layer) and the compute "
+                  "of the single network(s) it is compared with (the paper's comparison)."),
+    "matched": ("Budget-matched: k members within the budget together",
+                "Each member has at most 1/k of the budget (a one_by_one ensemble's members are smaller still, so "
+                "that its combining layer fits too); the ensemble is compared with the single network(s) at the "
+                "full budget. Compute is not matched exactly: see the FLOPs column."),
+}
 
 
 def _f(v: Optional[float], signed: bool = False) -> str:
@@ -126,13 +137,14 @@ def main_attack(study: dict) -> str:
 
 def table_csv(study: dict) -> str:
     """One row per (architecture or ensemble, eps, attack): long format for any later analysis."""
-    lines = ["name,group,kind,params,eps,attack,accuracy"]
+    lines = ["name,group,kind,params,flops,eps,attack,accuracy"]
     for r in study["models"] + study["ensembles"]:
-        lines.append(f"{r['name']},{r['group']},{r['kind']},{r['params']},0,clean,{r['clean_acc']:.6f}")
+        head = f"{r['name']},{r['group']},{r['kind']},{r['params']},{r['flops']}"
+        lines.append(f"{head},0,clean,{r['clean_acc']:.6f}")
         for e in study["eps"]:
             for a, v in r["robust_acc"][e].items():
-                lines.append(f"{r['name']},{r['group']},{r['kind']},{r['params']},{e},{a},{v:.6f}")
-            lines.append(f"{r['name']},{r['group']},{r['kind']},{r['params']},{e},worst,{r['worst_acc'][e]:.6f}")
+                lines.append(f"{head},{e},{a},{v:.6f}")
+            lines.append(f"{head},{e},worst,{r['worst_acc'][e]:.6f}")
     return "\n".join(lines) + "\n"
 
 
@@ -156,10 +168,12 @@ def render_markdown(study: dict, plots: dict[str, str]) -> str:
         lines += [f"> **WARNING**: adversarial images outside their eps-ball or [0,1] for {', '.join(bad)}.", ""]
     rows = study["models"] + study["ensembles"]
     for e in eps:
-        lines += [f"## eps {e}", "", "| model | group | params | clean | " + " | ".join(attacks) + " | worst | HRS |",
-                  "|---" * (len(attacks) + 6) + "|"]
+        lines += [f"## eps {e}", "",
+                  "| model | group | params | FLOPs | clean | " + " | ".join(attacks) + " | worst | HRS |",
+                  "|---" * (len(attacks) + 7) + "|"]
         for r in rows:
-            lines.append(f"| {r['name']} | {r['group']} | {r['params']:,} | {_f(r['clean_acc'])} | "
+            lines.append(f"| {r['name']} | {r['group']} | {r['params']:,} | {format_count(r['flops'])} | "
+                         f"{_f(r['clean_acc'])} | "
                          + " | ".join(_f(r["robust_acc"][e][a]) for a in attacks)
                          + f" | {_f(r['worst_acc'][e])} | {_f(r['hrs'][e])} |")
         lines.append("")
@@ -178,26 +192,39 @@ def render_markdown(study: dict, plots: dict[str, str]) -> str:
     lines.append("")
     if study["ensembles"]:
         lines += ["## Ensembles", "",
-                  "`logit-*`: independently trained random genotypes, logits averaged. `feature-*`: one genotype "
-                  "from several initialisations, pooled features averaged, one classifier, trained end to end; "
-                  "compared with the same architecture trained alone. Attacks run white-box through the whole "
-                  "ensemble. Each cell: the ensemble's accuracy (its gain over the mean of what it is compared "
-                  "with); study.json also holds the best member.", "",
-                  "| ensemble | compared with | params | eps | clean | " + " | ".join(attacks) + " |",
-                  "|---" * (len(attacks) + 5) + "|"]
-        for r in study["ensembles"]:
-            ref_clean = r["reference_mean"][eps[0]]["clean"]
-            for e in eps:
-                cells = [f"{_f(r['robust_acc'][e][a])} ({_f(r['gain_vs_mean'][e][a], True)})" for a in attacks]
-                lines.append(f"| {r['name']} | {', '.join(r['reference'])} | {r['params']:,} | {e} | "
-                             f"{_f(r['clean_acc'])} ({_f(r['clean_acc'] - ref_clean, True)}) | "
-                             + " | ".join(cells) + " |")
-        lines.append("")
+                  "`logit-*`: random genotypes trained independently, logits averaged. `feature-*` / `onebyone-*`: "
+                  "one architecture from several initialisations, trained end to end as one network; their pooled "
+                  "final features are averaged (`feature`) or concatenated and mapped back to one member's width "
+                  "by a learned 1x1 layer (`onebyone`), and one classifier reads the result. Attacks run white-box "
+                  "through the whole ensemble. Each cell: the ensemble's accuracy (its gain over the mean of the "
+                  "full-budget single networks it is compared with); study.json also holds the best of them.", ""]
+        for form in ("unmatched", "matched"):
+            rows = [r for r in study["ensembles"] if r["budget"] == form]
+            if rows:
+                title, text = BUDGET_TITLES[form]
+                lines += [f"### {title}", "", text, ""] + _ensemble_table(rows, eps, attacks)
     if plots:
         lines += ["## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()] + [""]
     lines += ["Per-architecture weights, training logs and results: `models/<name>/`; the random genotypes: "
               "`genotypes/`; everything above in `study.json` and `table.csv`.", ""]
     return "\n".join(lines)
+
+
+def _ensemble_table(rows: list[dict], eps: list[str], attacks: list[str]) -> list[str]:
+    lines = ["| ensemble | members | compared with | params (theirs) | FLOPs (theirs) | eps | clean | "
+             + " | ".join(attacks) + " |", "|---" * (len(attacks) + 7) + "|"]
+    for r in rows:
+        job = r["job"]
+        members = (", ".join(job["members"]) if r["kind"] == "logit"
+                   else f"{len(job['inits'])} x {job['base']} (<= {job['params']:,})")
+        ref_clean = r["reference_mean"][eps[0]]["clean"]
+        for e in eps:
+            cells = [f"{_f(r['robust_acc'][e][a])} ({_f(r['gain_vs_mean'][e][a], True)})" for a in attacks]
+            lines.append(f"| {r['name']} | {members} | {', '.join(r['reference'])} | "
+                         f"{r['params']:,} ({r['reference_params']:,.0f}) | "
+                         f"{format_count(r['flops'])} ({format_count(int(r['reference_flops']))}) | {e} | "
+                         f"{_f(r['clean_acc'])} ({_f(r['clean_acc'] - ref_clean, True)}) | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def write_study_report(out: str | Path, study: dict) -> Path:
