@@ -3,7 +3,8 @@ Adversarial Robustness: a Neural Architecture Search perspective").
 
 Random genotypes of the DARTS space, published NAS genotypes and hand-crafted networks, all at one
 parameter budget, are trained normally by the one Trainer and attacked at several epsilons; ensembles of
-them (ensemble.py) are attacked white-box as single modules. Each architecture is one job for an executor
+them (ensemble.py), with every member at the full budget and budget-matched (k members within it together),
+are attacked white-box as single modules. Each architecture is one job for an executor
 (`make_executor(..).map`), deterministic in the job (its seed comes from its name), and leaves its weights
 and result.json in models/<name>/, so `resume` redoes only unfinished jobs. study.json, table.csv,
 report.md and plots/ summarise; docs/study.md explains the choices.

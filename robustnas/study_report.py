@@ -102,30 +102,36 @@ def plot_groups(study: dict, path: Path) -> Path:
 
 
 def plot_ensembles(study: dict, path: Path, attack: str) -> Optional[Path]:
-    """Each ensemble against the mean and the best of its members (or of its single base model)."""
+    """Each ensemble against the mean and the best of the full-budget single networks it is compared with;
+    one row of panels per budget (unmatched, matched)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    ens = study["ensembles"]
-    if not ens:
+    rows = [[r for r in study["ensembles"] if r["budget"] == form] for form in ("unmatched", "matched")]
+    rows = [row for row in rows if row]
+    if not rows:
         return None
-    eps = study["eps"]
-    fig, axes = plt.subplots(1, len(ens), figsize=(3.8 * len(ens), 3.2), squeeze=False, sharey=True)
-    for ax, r in zip(axes[0], ens):
-        xs = np.arange(len(eps))
-        ax.bar(xs - 0.27, [r["reference_mean"][e][attack] for e in eps], 0.27, color="0.7", label="members, mean")
-        ax.bar(xs, [r["reference_best"][e][attack] for e in eps], 0.27, color="0.45", label="members, best")
-        ax.bar(xs + 0.27, [r["robust_acc"][e][attack] for e in eps], 0.27, color=GROUP_COLORS["ensemble"],
-               label="ensemble")
-        ax.set_xticks(xs, [f"eps {e}" for e in eps], fontsize=8)
-        ax.set_title(r["name"], fontsize=9)
-        ax.set_ylim(0, 1)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0][0].set_ylabel(f"accuracy under {attack}")
-    axes[0][-1].legend(fontsize=7)
+    eps, cols = study["eps"], max(len(row) for row in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(3.8 * cols, 3.2 * len(rows)), squeeze=False, sharey=True)
+    for i, row in enumerate(rows):
+        for ax in axes[i][len(row):]:
+            ax.axis("off")
+        for ax, r in zip(axes[i], row):
+            xs = np.arange(len(eps))
+            ax.bar(xs - 0.27, [r["reference_mean"][e][attack] for e in eps], 0.27, color="0.7",
+                   label="compared with, mean")
+            ax.bar(xs, [r["reference_best"][e][attack] for e in eps], 0.27, color="0.45", label="compared with, best")
+            ax.bar(xs + 0.27, [r["robust_acc"][e][attack] for e in eps], 0.27, color=GROUP_COLORS["ensemble"],
+                   label="ensemble")
+            ax.set_xticks(xs, [f"eps {e}" for e in eps], fontsize=8)
+            ax.set_title(f"{r['name']} ({r['params']:,} / {r['reference_params']:,.0f} params)", fontsize=8)
+            ax.set_ylim(0, 1)
+            ax.grid(axis="y", alpha=0.3)
+        axes[i][0].set_ylabel(f"{row[0]['budget']}: accuracy under {attack}", fontsize=8)
+    axes[0][len(rows[0]) - 1].legend(fontsize=7)
     return _save(fig, path)
 
 
