@@ -1,11 +1,15 @@
 """Ensembles as ordinary nn.Modules, so every attack runs white-box through the whole ensemble.
 
-Two constructions (METHODS.md section 3, Devaguptapu et al. 2021):
+Two constructions (METHODS.md section 3, Devaguptapu et al. 2021; public code tdchaitanya/nas-robustness,
+darts/model_ensemble.py):
 - `LogitEnsemble`: independently trained models whose logits are averaged (ensembles of random genotypes).
 - `FeatureEnsemble`: copies of one architecture started from different initialisations (Kaiming-normal,
-  Xavier-normal, Kaiming-uniform); their final feature maps, globally pooled, are averaged and one linear
-  classifier reads the average. Pooling is linear, so this equals averaging the feature maps and then
-  pooling. The study trains the whole module end to end with the one Trainer (see docs/study.md).
+  Xavier-normal, Kaiming-uniform); their final feature maps, globally pooled, are combined and one linear
+  classifier reads the result. `combine="mean"` averages them (the public DARTSEnsembleAverage);
+  `combine="one_by_one"` concatenates them and maps k*F features to F by a learned affine layer (the public
+  DARTSEnsembleOneByOne's 1x1 convolution). Pooling is linear, so pooling first changes neither: the mean
+  of the maps pooled is the mean of the pooled maps, and a 1x1 conv on the concatenated maps followed by
+  pooling is the same affine layer on the pooled features. The study trains the whole module end to end.
 """
 
 from __future__ import annotations
@@ -16,24 +20,37 @@ import torch
 from torch import Tensor, nn
 
 from robustnas.errors import UserError
+from robustnas.size import count_params
 
-INITS: dict[str, Callable[[Tensor], Tensor]] = {
-    "kaiming_normal": lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu"),
-    "xavier_normal": nn.init.xavier_normal_,
-    "kaiming_uniform": lambda w: nn.init.kaiming_uniform_(w, nonlinearity="relu"),
+# scheme -> f(weight, mode); mode is the Kaiming fan ("fan_out" in the public code), Xavier uses both fans
+INITS: dict[str, Callable[[Tensor, str], Tensor]] = {
+    "kaiming_normal": lambda w, mode: nn.init.kaiming_normal_(w, mode=mode, nonlinearity="relu"),
+    "xavier_normal": lambda w, mode: nn.init.xavier_normal_(w),
+    "kaiming_uniform": lambda w, mode: nn.init.kaiming_uniform_(w, mode=mode, nonlinearity="relu"),
 }
+INIT_MODES = ("fan_out", "fan_in")      # fan_out: the public code; fan_in: robustnas before issue 14
+INIT_LAYERS = ("conv", "conv_linear")   # conv: the public code; conv_linear: robustnas before issue 14
+COMBINES = ("mean", "one_by_one")
 
 
-def init_weights(model: nn.Module, scheme: str) -> nn.Module:
-    """Re-initialise every conv and linear weight by `scheme` (biases to zero; BatchNorm untouched)."""
+def init_weights(model: nn.Module, scheme: str, mode: str = "fan_out", layers: str = "conv") -> nn.Module:
+    """Re-initialise `model` by `scheme`. layers="conv" (the public code): Conv2d weights only, BatchNorm
+    weight 1 and bias 0; Linear layers and conv biases keep PyTorch's defaults. layers="conv_linear": Conv2d
+    and Linear weights, their biases zeroed, BatchNorm untouched."""
     if scheme not in INITS:
         raise UserError(f"unknown initialisation {scheme!r}; known: {', '.join(INITS)}")
+    if mode not in INIT_MODES or layers not in INIT_LAYERS:
+        raise UserError(f"init mode {mode!r} / layers {layers!r}: use {INIT_MODES} / {INIT_LAYERS}")
+    kinds = (nn.Conv2d,) if layers == "conv" else (nn.Conv2d, nn.Linear)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                INITS[scheme](m.weight)
-                if m.bias is not None:
+            if isinstance(m, kinds):
+                INITS[scheme](m.weight, mode)
+                if layers == "conv_linear" and m.bias is not None:
                     m.bias.zero_()
+            elif layers == "conv" and isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) and m.weight is not None:
+                m.weight.fill_(1.0)
+                m.bias.zero_()
     return model
 
 
@@ -63,32 +80,54 @@ class LogitEnsemble(nn.Module):
 
 
 class FeatureEnsemble(nn.Module):
-    """classifier(mean of the bodies' pooled features)."""
+    """classifier(combined pooled features of the bodies): their mean, or (one_by_one) an affine map of
+    their concatenation back to one body's width."""
 
-    def __init__(self, bodies: Sequence[nn.Module], classifier: nn.Linear):
+    def __init__(self, bodies: Sequence[nn.Module], classifier: nn.Linear, combine: str = "mean"):
         super().__init__()
         if len(bodies) < 1:
             raise UserError("an ensemble needs at least one member")
+        if combine not in COMBINES:
+            raise UserError(f"unknown feature combination {combine!r}; known: {', '.join(COMBINES)}")
         self.bodies = nn.ModuleList(bodies)
+        width = classifier.in_features
+        self.combine = nn.Linear(len(bodies) * width, width) if combine == "one_by_one" else None
         self.classifier = classifier
 
     def features(self, x: Tensor) -> Tensor:
-        return torch.stack([b(x) for b in self.bodies]).mean(0)
+        feats = [b(x) for b in self.bodies]
+        if self.combine is None:
+            return torch.stack(feats).mean(0)
+        return self.combine(torch.cat(feats, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
 
 
-def feature_ensemble(build: Callable[[], nn.Module], inits: Sequence[str], seed: int) -> FeatureEnsemble:
+def feature_ensemble(build: Callable[[], nn.Module], inits: Sequence[str], seed: int, combine: str = "mean",
+                     mode: str = "fan_out", layers: str = "conv") -> FeatureEnsemble:
     """One member per initialisation scheme, member k built under seed + k and re-initialised by inits[k];
-    the shared classifier is the first member's (so it starts under the first scheme)."""
+    the shared classifier is the first member's (at PyTorch's default under layers="conv", as the public
+    code's fresh nn.Linear; under the first scheme with "conv_linear"); the one_by_one layer is built last,
+    under seed + len(inits), at PyTorch's default (as the public code's)."""
+    if not inits:
+        raise UserError("a feature ensemble needs at least one initialisation scheme")
     bodies, classifier = [], None
     for k, scheme in enumerate(inits):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + k)
-            body, linear = split_classifier(init_weights(build(), scheme))
+            body, linear = split_classifier(init_weights(build(), scheme, mode, layers))
         bodies.append(body)
         classifier = classifier if classifier is not None else linear
-    if classifier is None:
-        raise UserError("a feature ensemble needs at least one initialisation scheme")
-    return FeatureEnsemble(bodies, classifier)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + len(inits))
+        return FeatureEnsemble(bodies, classifier, combine)
+
+
+def feature_ensemble_params(member: nn.Module, k: int, combine: str = "mean") -> int:
+    """Parameters of a feature ensemble of k copies of `member` (k bodies, one classifier, the combine
+    layer), counted without building it; `member` is left whole."""
+    linear = [m for m in member.modules() if isinstance(m, nn.Linear)][-1]
+    width, head = linear.in_features, count_params(linear)
+    extra = k * width * width + width if combine == "one_by_one" else 0
+    return k * (count_params(member) - head) + head + extra

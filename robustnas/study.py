@@ -3,7 +3,8 @@ Adversarial Robustness: a Neural Architecture Search perspective").
 
 Random genotypes of the DARTS space, published NAS genotypes and hand-crafted networks, all at one
 parameter budget, are trained normally by the one Trainer and attacked at several epsilons; ensembles of
-them (ensemble.py) are attacked white-box as single modules. Each architecture is one job for an executor
+them (ensemble.py), with every member at the full budget and budget-matched (k members within it together),
+are attacked white-box as single modules. Each architecture is one job for an executor
 (`make_executor(..).map`), deterministic in the job (its seed comes from its name), and leaves its weights
 and result.json in models/<name>/, so `resume` redoes only unfinished jobs. study.json, table.csv,
 report.md and plots/ summarise; docs/study.md explains the choices.
@@ -15,7 +16,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -28,21 +29,28 @@ from robustnas.analysis import hrs
 from robustnas.config import (ArchConfig, Base, Command, DataConfig, ParamCount, TrainCommand, TrainConfig, format_eps,
                               parse_eps, to_yaml)
 from robustnas.data import Dataset
-from robustnas.ensemble import INITS, LogitEnsemble, feature_ensemble
+from robustnas.ensemble import INITS, LogitEnsemble, feature_ensemble, feature_ensemble_params
 from robustnas.errors import UserError
 from robustnas.executor import ExecutorSettings
 from robustnas.rundir import atomic_write_text, read_json, save_model, write_json
-from robustnas.size import count_params, parse_count
+from robustnas.size import count_flops, count_params, parse_count
 
 GROUPS = ("random", "published", "handcrafted")  # the single architectures; NAS = random + published
+# group "member": random genotypes at 1/k of the budget, members of budget-matched logit ensembles only
 
 
 class EnsembleConfig(Base):
-    """Which ensembles the study builds (see ensemble.py)."""
+    """Which ensembles the study builds (see ensemble.py and docs/study.md)."""
 
-    feature: list[str] = ["random-0"]    # architectures trained as one feature-averaging ensemble each
+    feature: list[str] = ["random-0"]    # architectures trained as feature ensembles
     inits: list[str] = list(INITS)       # one member per initialisation scheme
+    init_mode: Literal["fan_out", "fan_in"] = "fan_out"   # Kaiming fan; fan_in: robustnas before issue 14
+    init_layers: Literal["conv", "conv_linear"] = "conv"  # re-initialised layers; conv_linear: before issue 14
+    combine: list[Literal["mean", "one_by_one"]] = ["mean", "one_by_one"]  # one ensemble per way of combining
     random: list[int] = [3]              # averaged-logit ensembles of the first k random genotypes
+    # unmatched: k members at the full budget each (k times the parameters) against one of them;
+    # matched: k members within the budget together against single networks at the full budget
+    budget: list[Literal["unmatched", "matched"]] = ["unmatched", "matched"]
 
 
 class StudyCommand(ExecutorSettings, Command):
@@ -115,25 +123,94 @@ def check_study(cmd: StudyCommand) -> None:
             raise UserError(f"ensembles.inits: unknown initialisation {scheme!r}; known: {', '.join(INITS)}")
     if cmd.ensembles.feature and not cmd.ensembles.inits:
         raise UserError("ensembles.inits is empty: a feature ensemble needs one member per initialisation")
+    if cmd.ensembles.feature and not cmd.ensembles.combine:
+        raise UserError("ensembles.combine is empty: give mean, one_by_one or both")
+    if (cmd.ensembles.feature or cmd.ensembles.random) and not cmd.ensembles.budget:
+        raise UserError("ensembles.budget is empty: give unmatched, matched or both")
     for k in cmd.ensembles.random:
         if not 2 <= k <= cmd.random:
             raise UserError(f"ensembles.random: an ensemble of {k} random genotypes needs 2 <= k <= random "
                             f"({cmd.random})")
 
 
-def plan_jobs(cmd: StudyCommand, genotype_paths: list[Path]) -> list[dict]:
-    """The study's jobs as plain data: single architectures, feature ensembles, then logit ensembles."""
+def plan_jobs(cmd: StudyCommand, genotype_paths: list[Path], matched: dict[tuple[str, str], int]) -> list[dict]:
+    """The study's jobs as plain data: single architectures, members of budget-matched logit ensembles,
+    feature ensembles, then logit ensembles. `matched[(arch, combine)]` is the member budget of a
+    budget-matched feature ensemble (matched_member_params). Each ensemble names the full-budget single
+    networks it is compared with (`reference`)."""
+    budget, ens = parse_count(cmd.params), cmd.ensembles
     jobs = [{"name": p.stem, "group": "random", "kind": "single", "arch": str(p)} for p in genotype_paths]
     jobs += [{"name": _arch_name(a), "group": "published", "kind": "single", "arch": a} for a in cmd.published]
     jobs += [{"name": a, "group": "handcrafted", "kind": "single", "arch": a} for a in cmd.handcrafted]
+    for j in jobs:
+        j["params"] = budget
     arch_of = {j["name"]: j["arch"] for j in jobs}
-    jobs += [{"name": f"feature-{b}", "group": "ensemble", "kind": "feature", "arch": arch_of[b], "base": b,
-              "inits": list(cmd.ensembles.inits)} for b in cmd.ensembles.feature]
-    jobs += [{"name": f"logit-random-{k}", "group": "ensemble", "kind": "logit",
-              "members": [f"random-{i}" for i in range(k)]} for k in cmd.ensembles.random]
+    if "matched" in ens.budget:
+        jobs += [{"name": f"random-{i}-1of{k}", "group": "member", "kind": "single", "arch": arch_of[f"random-{i}"],
+                  "params": budget // k} for k in ens.random for i in range(k)]
+    for b in ens.feature:
+        for combine in ens.combine:
+            for form in ens.budget:
+                prefix = "feature-" if combine == "mean" else "onebyone-"
+                name = prefix + b + ("-matched" if form == "matched" else "")
+                jobs.append({"name": name, "group": "ensemble", "kind": "feature", "arch": arch_of[b], "base": b,
+                             "inits": list(ens.inits), "init_mode": ens.init_mode, "init_layers": ens.init_layers,
+                             "combine": combine, "budget": form, "reference": [b],
+                             "params": budget if form == "unmatched" else matched[(b, combine)]})
+    for k in ens.random:
+        full = [f"random-{i}" for i in range(k)]
+        for form in ens.budget:
+            members = full if form == "unmatched" else [f"{m}-1of{k}" for m in full]
+            name = f"logit-random-{k}" + ("-matched" if form == "matched" else "")
+            jobs.append({"name": name, "group": "ensemble", "kind": "logit", "budget": form, "members": members,
+                         "reference": full})
     for j in jobs:
         j["seed"] = job_seed(cmd.seed, j["name"])
     return jobs
+
+
+def sized_model(cmd: StudyCommand, meta, arch: Any, params: int) -> nn.Module:
+    """A study architecture within `params`: an --arch string through build_arch, or a drawn Genotype not yet
+    saved, sized the same way (the largest even C within the budget)."""
+    from robustnas.arch import build_arch, channels_for_params
+    from robustnas.genotypes import build_network
+
+    if isinstance(arch, str):
+        return build_arch(arch, meta, params=params, **arch_options(cmd, arch))[0]
+    kw = {k: v for k, v in arch_options(cmd, "").items() if k != "layers"}
+    C = channels_for_params(arch, meta, cmd.layers, params, **kw)
+    return build_network(arch, C=C, layers=cmd.layers, num_classes=meta.num_classes, in_shape=meta.shape,
+                         mean=meta.mean, std=meta.std, **kw)
+
+
+def matched_member_params(member: Callable[[int], nn.Module], budget: int, k: int, combine: str, name: str) -> int:
+    """The largest member budget p <= budget // k at which a feature ensemble of k members built by
+    `member(p)` has at most `budget` parameters in all (one_by_one: with its k*F*F + F combine layer).
+    The ensemble's size grows with p, so bisection finds the edge; below it, a budget `member` refuses
+    (a hand-crafted width must come within 10% of its budget) is stepped down by 10% until one builds."""
+
+    def over(p: int) -> bool:
+        try:
+            return feature_ensemble_params(member(p), k, combine) > budget
+        except UserError:  # refused: not over the budget
+            return False
+
+    lo, hi = 0, budget // k  # not over(lo) (0: none), over(hi) unless hi itself fits
+    if not over(hi):
+        lo = hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if over(mid) else (mid, hi)
+    p = lo
+    while p >= 1:
+        try:
+            if feature_ensemble_params(member(p), k, combine) <= budget:
+                return p
+        except UserError:
+            pass
+        p = int(p / 1.1)
+    raise UserError(f"a budget-matched {combine} feature ensemble of {k} {name} does not fit in {budget} "
+                    f"parameters; raise params, or drop matched from ensembles.budget")
 
 
 # ------------------------------------------------------------------------------------------------ one job
@@ -205,13 +282,14 @@ class StudyWorker:
         if job["kind"] == "single":  # an ordinary run directory: `robustnas evaluate models/<name>` works
             atomic_write_text(d / "config.yaml", to_yaml(TrainCommand(
                 seed=self.cmd.seed, data=self.cmd.data, train=self.cmd.train,
-                model=ArchConfig(arch=job["arch"], params=self.cmd.params,
+                model=ArchConfig(arch=job["arch"], params=str(job["params"]),
                                  layers=arch_options(self.cmd, job["arch"]).get("layers")))))
         cmd, test = self.cmd, self.data.test
         metrics = attack_table(model, test.x.to(self.device), test.y.to(self.device), cmd.attacks,
                                [parse_eps(e) for e in cmd.eps], cmd.train.attack.norm, cmd.batch_size, cmd.seed,
                                cmd.attack_options, self.progress)
         result = {"name": job["name"], "group": job["group"], "kind": job["kind"], "params": count_params(model),
+                  "flops": count_flops(model, tuple(self.data.meta.shape)),
                   **metrics, "train": train, "seconds": time.perf_counter() - t0, "job": job}
         write_json(d / "result.json", result)
         if self.progress:
@@ -225,16 +303,17 @@ class StudyWorker:
         from robustnas.arch import build_arch
 
         meta, cmd = self.data.meta, self.cmd
-        params = parse_count(cmd.params)
         torch.manual_seed(job["seed"])
         if job["kind"] == "single":
-            return build_arch(job["arch"], meta, params=params, **arch_options(cmd, job["arch"]))
+            return build_arch(job["arch"], meta, params=job["params"], **arch_options(cmd, job["arch"]))
         if job["kind"] == "feature":
             kw = arch_options(cmd, job["arch"])
-            _, member = build_arch(job["arch"], meta, params=params, **kw)
-            model = feature_ensemble(lambda: build_arch(job["arch"], meta, params=params, **kw)[0],
-                                     job["inits"], job["seed"])
-            return model, {"kind": "feature_ensemble", "member": member, "inits": job["inits"]}
+            _, member = build_arch(job["arch"], meta, params=job["params"], **kw)
+            model = feature_ensemble(lambda: build_arch(job["arch"], meta, params=job["params"], **kw)[0],
+                                     job["inits"], job["seed"], job["combine"], job["init_mode"], job["init_layers"])
+            return model, {"kind": "feature_ensemble", "member": member, "inits": job["inits"],
+                           "init_mode": job["init_mode"], "init_layers": job["init_layers"],
+                           "combine": job["combine"]}
         from robustnas.rundir import load_model
 
         members = [load_model(self.out / "models" / m, device=self.device)[0] for m in job["members"]]
@@ -275,6 +354,21 @@ def run_study(cmd: StudyCommand, resume: bool = False, progress: bool = True) ->
                                        params=params, **net_kw)
     for arch in cmd.published + cmd.handcrafted:  # a budget out of reach fails here, before anything is written
         build_arch(arch, data.meta, params=params, **arch_options(cmd, arch))
+    archs = {f"random-{k}": g for k, (g, _) in enumerate(drawn)}
+    archs.update({_arch_name(a): a for a in cmd.published + cmd.handcrafted})
+    matched: dict[tuple[str, str], int] = {}
+    if "matched" in cmd.ensembles.budget:
+        for b in cmd.ensembles.feature:
+            for combine in cmd.ensembles.combine:
+                matched[(b, combine)] = matched_member_params(lambda p: sized_model(cmd, data.meta, archs[b], p),
+                                                              params, len(cmd.ensembles.inits), combine, b)
+        for k in cmd.ensembles.random:
+            for i in range(k):
+                try:
+                    sized_model(cmd, data.meta, archs[f"random-{i}"], params // k)
+                except UserError as e:
+                    raise UserError(f"budget-matched logit ensemble of {k}: random-{i} at 1/{k} of the budget: {e}; "
+                                    f"raise params, or drop matched from ensembles.budget") from None
     out = Path(cmd.out) if cmd.out else Path("runs") / cmd.name
     check_new_run_dir(out, resume)
     out.mkdir(parents=True, exist_ok=True)
@@ -283,7 +377,7 @@ def run_study(cmd: StudyCommand, resume: bool = False, progress: bool = True) ->
     for k, ((g, _), path) in enumerate(zip(drawn, paths)):
         g.source = f"random_genotype (study seed {cmd.seed}, draw {k})"
         save_genotype(g, path)
-    jobs = plan_jobs(cmd, paths)
+    jobs = plan_jobs(cmd, paths, matched)
 
     used = Dataset(meta=data.meta, train=data.train, val=data.val.head(cmd.train.val_n), test=data.test.head(cmd.n))
     executor = cmd.make_executor()
@@ -315,7 +409,8 @@ def group_means(rows: list[dict], eps: list[str], attacks: list[str]) -> dict:
 
 
 def summarize(cmd: StudyCommand, results: list[dict], rejected: int, n: int) -> dict:
-    """study.json: settings, every result, group means, NAS minus hand-crafted, ensembles vs their members."""
+    """study.json: settings, every result, group means, NAS minus hand-crafted, ensembles against the
+    full-budget single networks they are compared with (unmatched and budget-matched)."""
     eps = [format_eps(parse_eps(e)) for e in cmd.eps]
     attacks = [a.strip().lower() for a in cmd.attacks]
     singles = [r for r in results if r["kind"] == "single"]
@@ -330,12 +425,14 @@ def summarize(cmd: StudyCommand, results: list[dict], rejected: int, n: int) -> 
     for r in results:
         if r["kind"] == "single":
             continue
-        refs = r["job"]["members"] if r["kind"] == "logit" else [r["job"]["base"]]
+        refs = r["job"]["reference"]
         ref = group_means([by_name[m] for m in refs], eps, attacks)
         best = {e: {k: max(by_name[m]["robust_acc"][e][k] for m in refs) for k in attacks} for e in eps}
         gain = {e: {k: r["robust_acc"][e][k] - ref[e][k] for k in attacks} for e in eps}
-        ensembles.append({**r, "reference": refs, "reference_mean": ref, "reference_best": best,
-                          "gain_vs_mean": gain})
+        ensembles.append({**r, "budget": r["job"]["budget"], "reference": refs, "reference_mean": ref,
+                          "reference_best": best, "gain_vs_mean": gain,
+                          "reference_params": _mean([by_name[m]["params"] for m in refs]),
+                          "reference_flops": _mean([by_name[m]["flops"] for m in refs])})
     return {"dataset": cmd.data.dataset, "params_target": parse_count(cmd.params), "layers": cmd.layers,
             "reduction_layers": cmd.reduction_layers,
             "eps": eps, "attacks": attacks, "norm": cmd.train.attack.norm, "n": n, "seed": cmd.seed,

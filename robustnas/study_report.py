@@ -9,10 +9,21 @@ from typing import Optional
 
 from robustnas.config import parse_eps
 from robustnas.rundir import atomic_write_text
+from robustnas.size import format_count
 
 GROUP_TITLES = {"random": "NAS, random DARTS genotypes", "published": "NAS, published genotypes",
                 "handcrafted": "hand-crafted", "nas": "NAS (random + published)"}
-GROUP_COLORS = {"random": "tab:green", "published": "tab:blue", "handcrafted": "tab:red", "ensemble": "tab:purple"}
+GROUP_COLORS = {"random": "tab:green", "published": "tab:blue", "handcrafted": "tab:red", "ensemble": "tab:purple",
+                "member": "tab:olive"}
+BUDGET_TITLES = {
+    "unmatched": ("Unmatched: every member at the full budget",
+                  "Each ensemble has about k times the parameters (more with the one_by_one layer) and the compute "
+                  "of the single network(s) it is compared with (the paper's comparison)."),
+    "matched": ("Budget-matched: k members within the budget together",
+                "Each member has at most 1/k of the budget (a one_by_one ensemble's members are smaller still, so "
+                "that its combining layer fits too); the ensemble is compared with the single network(s) at the "
+                "full budget. Compute is not matched exactly: see the FLOPs column."),
+}
 
 
 def _f(v: Optional[float], signed: bool = False) -> str:
@@ -91,30 +102,36 @@ def plot_groups(study: dict, path: Path) -> Path:
 
 
 def plot_ensembles(study: dict, path: Path, attack: str) -> Optional[Path]:
-    """Each ensemble against the mean and the best of its members (or of its single base model)."""
+    """Each ensemble against the mean and the best of the full-budget single networks it is compared with;
+    one row of panels per budget (unmatched, matched)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    ens = study["ensembles"]
-    if not ens:
+    rows = [[r for r in study["ensembles"] if r["budget"] == form] for form in ("unmatched", "matched")]
+    rows = [row for row in rows if row]
+    if not rows:
         return None
-    eps = study["eps"]
-    fig, axes = plt.subplots(1, len(ens), figsize=(3.8 * len(ens), 3.2), squeeze=False, sharey=True)
-    for ax, r in zip(axes[0], ens):
-        xs = np.arange(len(eps))
-        ax.bar(xs - 0.27, [r["reference_mean"][e][attack] for e in eps], 0.27, color="0.7", label="members, mean")
-        ax.bar(xs, [r["reference_best"][e][attack] for e in eps], 0.27, color="0.45", label="members, best")
-        ax.bar(xs + 0.27, [r["robust_acc"][e][attack] for e in eps], 0.27, color=GROUP_COLORS["ensemble"],
-               label="ensemble")
-        ax.set_xticks(xs, [f"eps {e}" for e in eps], fontsize=8)
-        ax.set_title(r["name"], fontsize=9)
-        ax.set_ylim(0, 1)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0][0].set_ylabel(f"accuracy under {attack}")
-    axes[0][-1].legend(fontsize=7)
+    eps, cols = study["eps"], max(len(row) for row in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(3.8 * cols, 3.2 * len(rows)), squeeze=False, sharey=True)
+    for i, row in enumerate(rows):
+        for ax in axes[i][len(row):]:
+            ax.axis("off")
+        for ax, r in zip(axes[i], row):
+            xs = np.arange(len(eps))
+            ax.bar(xs - 0.27, [r["reference_mean"][e][attack] for e in eps], 0.27, color="0.7",
+                   label="compared with, mean")
+            ax.bar(xs, [r["reference_best"][e][attack] for e in eps], 0.27, color="0.45", label="compared with, best")
+            ax.bar(xs + 0.27, [r["robust_acc"][e][attack] for e in eps], 0.27, color=GROUP_COLORS["ensemble"],
+                   label="ensemble")
+            ax.set_xticks(xs, [f"eps {e}" for e in eps], fontsize=8)
+            ax.set_title(f"{r['name']} ({r['params']:,} / {r['reference_params']:,.0f} params)", fontsize=8)
+            ax.set_ylim(0, 1)
+            ax.grid(axis="y", alpha=0.3)
+        axes[i][0].set_ylabel(f"{row[0]['budget']}: accuracy under {attack}", fontsize=8)
+    axes[0][len(rows[0]) - 1].legend(fontsize=7)
     return _save(fig, path)
 
 
@@ -126,13 +143,14 @@ def main_attack(study: dict) -> str:
 
 def table_csv(study: dict) -> str:
     """One row per (architecture or ensemble, eps, attack): long format for any later analysis."""
-    lines = ["name,group,kind,params,eps,attack,accuracy"]
+    lines = ["name,group,kind,params,flops,eps,attack,accuracy"]
     for r in study["models"] + study["ensembles"]:
-        lines.append(f"{r['name']},{r['group']},{r['kind']},{r['params']},0,clean,{r['clean_acc']:.6f}")
+        head = f"{r['name']},{r['group']},{r['kind']},{r['params']},{r['flops']}"
+        lines.append(f"{head},0,clean,{r['clean_acc']:.6f}")
         for e in study["eps"]:
             for a, v in r["robust_acc"][e].items():
-                lines.append(f"{r['name']},{r['group']},{r['kind']},{r['params']},{e},{a},{v:.6f}")
-            lines.append(f"{r['name']},{r['group']},{r['kind']},{r['params']},{e},worst,{r['worst_acc'][e]:.6f}")
+                lines.append(f"{head},{e},{a},{v:.6f}")
+            lines.append(f"{head},{e},worst,{r['worst_acc'][e]:.6f}")
     return "\n".join(lines) + "\n"
 
 
@@ -156,10 +174,12 @@ def render_markdown(study: dict, plots: dict[str, str]) -> str:
         lines += [f"> **WARNING**: adversarial images outside their eps-ball or [0,1] for {', '.join(bad)}.", ""]
     rows = study["models"] + study["ensembles"]
     for e in eps:
-        lines += [f"## eps {e}", "", "| model | group | params | clean | " + " | ".join(attacks) + " | worst | HRS |",
-                  "|---" * (len(attacks) + 6) + "|"]
+        lines += [f"## eps {e}", "",
+                  "| model | group | params | FLOPs | clean | " + " | ".join(attacks) + " | worst | HRS |",
+                  "|---" * (len(attacks) + 7) + "|"]
         for r in rows:
-            lines.append(f"| {r['name']} | {r['group']} | {r['params']:,} | {_f(r['clean_acc'])} | "
+            lines.append(f"| {r['name']} | {r['group']} | {r['params']:,} | {format_count(r['flops'])} | "
+                         f"{_f(r['clean_acc'])} | "
                          + " | ".join(_f(r["robust_acc"][e][a]) for a in attacks)
                          + f" | {_f(r['worst_acc'][e])} | {_f(r['hrs'][e])} |")
         lines.append("")
@@ -178,26 +198,39 @@ def render_markdown(study: dict, plots: dict[str, str]) -> str:
     lines.append("")
     if study["ensembles"]:
         lines += ["## Ensembles", "",
-                  "`logit-*`: independently trained random genotypes, logits averaged. `feature-*`: one genotype "
-                  "from several initialisations, pooled features averaged, one classifier, trained end to end; "
-                  "compared with the same architecture trained alone. Attacks run white-box through the whole "
-                  "ensemble. Each cell: the ensemble's accuracy (its gain over the mean of what it is compared "
-                  "with); study.json also holds the best member.", "",
-                  "| ensemble | compared with | params | eps | clean | " + " | ".join(attacks) + " |",
-                  "|---" * (len(attacks) + 5) + "|"]
-        for r in study["ensembles"]:
-            ref_clean = r["reference_mean"][eps[0]]["clean"]
-            for e in eps:
-                cells = [f"{_f(r['robust_acc'][e][a])} ({_f(r['gain_vs_mean'][e][a], True)})" for a in attacks]
-                lines.append(f"| {r['name']} | {', '.join(r['reference'])} | {r['params']:,} | {e} | "
-                             f"{_f(r['clean_acc'])} ({_f(r['clean_acc'] - ref_clean, True)}) | "
-                             + " | ".join(cells) + " |")
-        lines.append("")
+                  "`logit-*`: random genotypes trained independently, logits averaged. `feature-*` / `onebyone-*`: "
+                  "one architecture from several initialisations, trained end to end as one network; their pooled "
+                  "final features are averaged (`feature`) or concatenated and mapped back to one member's width "
+                  "by a learned 1x1 layer (`onebyone`), and one classifier reads the result. Attacks run white-box "
+                  "through the whole ensemble. Each cell: the ensemble's accuracy (its gain over the mean of the "
+                  "full-budget single networks it is compared with); study.json also holds the best of them.", ""]
+        for form in ("unmatched", "matched"):
+            rows = [r for r in study["ensembles"] if r["budget"] == form]
+            if rows:
+                title, text = BUDGET_TITLES[form]
+                lines += [f"### {title}", "", text, ""] + _ensemble_table(rows, eps, attacks)
     if plots:
         lines += ["## Plots", ""] + [f"![{k}]({v})" for k, v in plots.items()] + [""]
     lines += ["Per-architecture weights, training logs and results: `models/<name>/`; the random genotypes: "
               "`genotypes/`; everything above in `study.json` and `table.csv`.", ""]
     return "\n".join(lines)
+
+
+def _ensemble_table(rows: list[dict], eps: list[str], attacks: list[str]) -> list[str]:
+    lines = ["| ensemble | members | compared with | params (theirs) | FLOPs (theirs) | eps | clean | "
+             + " | ".join(attacks) + " |", "|---" * (len(attacks) + 7) + "|"]
+    for r in rows:
+        job = r["job"]
+        members = (", ".join(job["members"]) if r["kind"] == "logit"
+                   else f"{len(job['inits'])} x {job['base']} (<= {job['params']:,})")
+        ref_clean = r["reference_mean"][eps[0]]["clean"]
+        for e in eps:
+            cells = [f"{_f(r['robust_acc'][e][a])} ({_f(r['gain_vs_mean'][e][a], True)})" for a in attacks]
+            lines.append(f"| {r['name']} | {members} | {', '.join(r['reference'])} | "
+                         f"{r['params']:,} ({r['reference_params']:,.0f}) | "
+                         f"{format_count(r['flops'])} ({format_count(int(r['reference_flops']))}) | {e} | "
+                         f"{_f(r['clean_acc'])} ({_f(r['clean_acc'] - ref_clean, True)}) | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def write_study_report(out: str | Path, study: dict) -> Path:

@@ -14,17 +14,19 @@ import torch
 from typer.testing import CliRunner
 
 from robustnas.analysis import hrs
-from robustnas.arch import build_arch
+from robustnas.arch import build_arch, channels_for_params
 from robustnas.attacks import accuracy
 from robustnas.cli import app
 from robustnas.config import SearchCommand, validate
 from robustnas.data import load_dataset
-from robustnas.ensemble import FeatureEnsemble, LogitEnsemble, feature_ensemble, init_weights, split_classifier
+from robustnas.ensemble import (FeatureEnsemble, LogitEnsemble, feature_ensemble, feature_ensemble_params, init_weights,
+                                split_classifier)
 from robustnas.errors import UserError
 from robustnas.genotypes import build_network, load_genotype
 from robustnas.rundir import load_model
 from robustnas.spaces.darts import PRIMITIVES, Genotype, random_genotype
-from robustnas.study import StudyCommand, run_study
+from robustnas.size import count_params
+from robustnas.study import StudyCommand, matched_member_params, run_study, sized_model
 
 
 @pytest.fixture(scope="module")
@@ -116,18 +118,106 @@ def test_feature_ensemble_averages_pooled_features_under_one_classifier(digits):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
 
 
-def test_init_schemes_give_their_standard_deviations():
+def test_default_init_is_the_public_codes_kaiming_fan_out_on_convs_only():
+    """tdchaitanya/nas-robustness (DARTSEnsemble*): kaiming_normal_/kaiming_uniform_ with mode fan_out and relu,
+    xavier_normal_, on Conv2d weights only; BatchNorm to 1/0; Linear layers keep PyTorch's default."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(64, 256, 3, bias=False), torch.nn.BatchNorm2d(256),
+                                torch.nn.Linear(400, 300))
+    conv, bn, linear = model
+    fan_in, fan_out = 64 * 9, 256 * 9
+    expected = {"kaiming_normal": (2 / fan_out) ** 0.5, "xavier_normal": (2 / (fan_in + fan_out)) ** 0.5,
+                "kaiming_uniform": (2 / fan_out) ** 0.5}
+    linear_before = linear.weight.detach().clone()
+    for scheme, std in expected.items():
+        with torch.no_grad():
+            bn.weight.fill_(3.0), bn.bias.fill_(0.5)
+        init_weights(model, scheme)
+        assert abs(conv.weight.std().item() - std) < 0.03 * std
+        assert torch.equal(linear.weight, linear_before) and linear.bias.abs().sum() > 0
+        assert (bn.weight == 1).all() and (bn.bias == 0).all()
+    # kaiming_uniform is uniform: its bound is sqrt(3) standard deviations
+    assert conv.weight.abs().max().item() == pytest.approx(3 ** 0.5 * expected["kaiming_uniform"], rel=0.01)
+
+
+def test_fan_in_conv_linear_init_is_the_previous_behaviour():
     torch.manual_seed(0)
     layer = torch.nn.Linear(400, 300)
     fan_in, fan_out = 400, 300
     expected = {"kaiming_normal": (2 / fan_in) ** 0.5, "xavier_normal": (2 / (fan_in + fan_out)) ** 0.5,
                 "kaiming_uniform": (2 / fan_in) ** 0.5}
     for scheme, std in expected.items():
-        init_weights(layer, scheme)
+        init_weights(layer, scheme, mode="fan_in", layers="conv_linear")
         assert abs(layer.weight.std().item() - std) < 0.03 * std
         assert layer.bias.abs().sum() == 0
+    conv = torch.nn.Conv2d(64, 256, 3)
+    init_weights(conv, "kaiming_normal", mode="fan_in", layers="conv_linear")
+    assert abs(conv.weight.std().item() - (2 / (64 * 9)) ** 0.5) < 0.03 * (2 / (64 * 9)) ** 0.5
     with pytest.raises(UserError, match="initialisation"):
         init_weights(layer, "orthogonal")
+    with pytest.raises(UserError, match="mode"):
+        init_weights(layer, "kaiming_normal", mode="fan_avg")
+
+
+def test_feature_ensemble_keeps_the_classifier_at_its_default_init(digits):
+    """As the public code's fresh nn.Linear: the shared classifier is not re-initialised by default (it was,
+    under the first scheme, before), while every body's convolutions are."""
+    meta, genotype = digits.meta, load_genotype("darts_v2")
+    ens = feature_ensemble(lambda: _net(genotype, meta), ["kaiming_normal", "xavier_normal"], seed=5)
+    torch.manual_seed(5)
+    fresh = _net(genotype, meta)
+    assert torch.equal(ens.classifier.weight, fresh.classifier.weight)
+    assert not torch.equal(ens.bodies[0].stem[1].weight, fresh.stem[1].weight)  # the stem conv is re-initialised
+    old = feature_ensemble(lambda: _net(genotype, meta), ["kaiming_normal", "xavier_normal"], seed=5,
+                           mode="fan_in", layers="conv_linear")
+    assert not torch.equal(old.classifier.weight, fresh.classifier.weight) and old.classifier.bias.abs().sum() == 0
+
+
+def _tiny_cnn():
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(4, 10))
+
+
+def test_one_by_one_ensemble_is_a_1x1_conv_on_the_concatenated_feature_maps(digits):
+    """The public DARTSEnsembleOneByOne: the members' final feature maps concatenated, a 1x1 conv (with bias)
+    back to one member's channels, global pooling, one classifier."""
+    x = digits.test.x[:16]
+    inits = ["kaiming_normal", "xavier_normal", "kaiming_uniform"]
+    ens = feature_ensemble(_tiny_cnn, inits, seed=2, combine="one_by_one").eval()
+    maps = torch.cat([b[:2](x) for b in ens.bodies], 1)  # each body's conv + relu: its final feature map
+    conv = torch.nn.Conv2d(12, 4, 1)
+    with torch.no_grad():
+        conv.weight.copy_(ens.combine.weight.view(4, 12, 1, 1))
+        conv.bias.copy_(ens.combine.bias)
+        public = ens.classifier(conv(maps).mean((2, 3)))
+        assert torch.allclose(ens(x), public, atol=1e-5)
+        mean = feature_ensemble(_tiny_cnn, inits, seed=2).eval()
+        assert mean.combine is None and not torch.allclose(mean(x), ens(x))
+    # the combine layer learns with the rest; the size formula counts what is built
+    torch.nn.functional.cross_entropy(ens.train()(x), digits.test.y[:16]).backward()
+    assert ens.combine.weight.grad.abs().sum() > 0
+    for combine, model in (("one_by_one", ens), ("mean", mean)):
+        assert feature_ensemble_params(_tiny_cnn(), 3, combine) == count_params(model)
+    assert count_params(ens) - count_params(mean) == 3 * 4 * 4 + 4
+
+
+def test_matched_member_params_keeps_the_ensemble_within_the_budget(digits):
+    meta, genotype, budget, k = digits.meta, load_genotype("darts_v2"), 20000, 3
+    cmd = validate(StudyCommand, {"layers": 3})
+    for combine in ("mean", "one_by_one"):
+        p = matched_member_params(lambda q: sized_model(cmd, meta, genotype, q), budget, k, combine, "darts_v2")
+        assert p <= budget // k
+        member = sized_model(cmd, meta, genotype, p)
+        ens = feature_ensemble(lambda: sized_model(cmd, meta, genotype, p), ["kaiming_normal"] * k, seed=0,
+                               combine=combine)
+        assert count_params(member) <= budget // k and count_params(ens) <= budget
+        assert all(count_params(b) < budget / k for b in ens.bodies)
+        # the next C up would break the budget: p is the largest member budget that fits
+        C = channels_for_params(genotype, meta, 3, p)
+        bigger = _net(genotype, meta, C=C + 2, layers=3)
+        assert count_params(bigger) > budget // k or feature_ensemble_params(bigger, k, combine) > budget
+    with pytest.raises(UserError, match="does not fit"):
+        matched_member_params(lambda q: sized_model(cmd, meta, genotype, q), 3000, k, "one_by_one", "darts_v2")
 
 
 def test_hrs_is_the_harmonic_mean_of_clean_and_robust_accuracy():
@@ -139,12 +229,15 @@ def test_hrs_is_the_harmonic_mean_of_clean_and_robust_accuracy():
 
 # ------------------------------------------------------------------------------------------ the study
 STUDY = {
-    "device": "cpu", "data": {"dataset": "digits", "subset": 400}, "params": "5k", "layers": 3, "random": 2,
+    "device": "cpu", "data": {"dataset": "digits", "subset": 400}, "params": "8k", "layers": 3, "random": 2,
     "published": ["darts_v2"], "handcrafted": ["cnn"],
     "train": {"adv": "none", "epochs": 1, "batch_size": 32, "lr": 0.1, "val_n": 50, "val_steps": 1},
     "attacks": ["fgsm", "pgd20"], "eps": ["0.05", "0.2"], "n": 40, "batch_size": 40,
-    "ensembles": {"feature": ["random-0"], "random": [2]},
+    "ensembles": {"feature": ["cnn"], "inits": ["kaiming_normal", "xavier_normal"], "random": [2]},
 }
+MODELS = ["random-0", "random-1", "darts_v2", "cnn", "random-0-1of2", "random-1-1of2"]
+ENSEMBLES = ["feature-cnn", "feature-cnn-matched", "onebyone-cnn", "onebyone-cnn-matched", "logit-random-2",
+             "logit-random-2-matched"]
 
 
 @pytest.fixture(scope="module")
@@ -161,9 +254,9 @@ def study(tmp_path_factory):
 
 def test_study_reports_every_architecture_and_ensemble(study, digits):
     s = json.loads((study / "study.json").read_text())
-    assert [m["name"] for m in s["models"]] == ["random-0", "random-1", "darts_v2", "cnn"]
-    assert [m["group"] for m in s["models"]] == ["random", "random", "published", "handcrafted"]
-    assert [e["name"] for e in s["ensembles"]] == ["feature-random-0", "logit-random-2"]
+    assert [m["name"] for m in s["models"]] == MODELS
+    assert [m["group"] for m in s["models"]] == ["random", "random", "published", "handcrafted", "member", "member"]
+    assert [e["name"] for e in s["ensembles"]] == ENSEMBLES
     assert s["eps"] == ["0.05", "0.2"] and s["attacks"] == ["fgsm", "pgd20"]
     for r in s["models"] + s["ensembles"]:
         for e in s["eps"]:
@@ -172,34 +265,58 @@ def test_study_reports_every_architecture_and_ensemble(study, digits):
             # robust means right clean and attacked; worst means robust to both attacks
             assert r["worst_acc"][e] <= min(acc.values()) <= max(acc.values()) <= r["clean_acc"]
             assert r["hrs"][e] == pytest.approx(hrs(r["clean_acc"], r["worst_acc"][e]))
-        assert r["in_ball"]
-    # genotype networks stay within the budget; the random genotypes are the seed's draws
-    for m in s["models"][:3]:
-        assert m["params"] <= 5000
+        assert r["in_ball"] and r["flops"] > 0
+    # single networks stay within the budget; the random genotypes are the seed's draws
+    for m in s["models"][:4]:
+        assert m["params"] <= 8000
     for k in range(2):
         assert load_genotype(str(study / "genotypes" / f"random-{k}.json")).normal is not None
-    # group means and the NAS - hand-crafted difference follow from the rows
+    # group means and the NAS - hand-crafted difference follow from the rows (members are in no group)
     e = "0.05"
-    nas = [m["robust_acc"][e]["pgd20"] for m in s["models"] if m["group"] != "handcrafted"]
+    nas = [m["robust_acc"][e]["pgd20"] for m in s["models"] if m["group"] in ("random", "published")]
+    assert s["groups"]["nas"][e]["count"] == 3
     assert s["groups"]["nas"][e]["pgd20"] == pytest.approx(sum(nas) / 3)
     assert s["nas_minus_handcrafted"][e]["pgd20"] == pytest.approx(sum(nas) / 3 - s["models"][3]["robust_acc"][e]["pgd20"])
-    # the feature ensemble has three bodies and one classifier: fewer than three whole networks
-    fe, le = s["ensembles"]
-    assert s["models"][0]["params"] < fe["params"] < 3 * s["models"][0]["params"]
-    assert le["params"] == s["models"][0]["params"] + s["models"][1]["params"]
-    assert le["reference"] == ["random-0", "random-1"]
+    by = {r["name"]: r for r in s["models"] + s["ensembles"]}
+    # the feature ensembles: the public code's initialisation by default; two bodies and one classifier
+    fe = by["feature-cnn"]
+    assert fe["job"]["init_mode"] == "fan_out" and fe["job"]["init_layers"] == "conv"
+    assert by["cnn"]["params"] < fe["params"] < 2 * by["cnn"]["params"] < by["onebyone-cnn"]["params"]
+    # unmatched: every member at the full budget; matched: the whole ensemble within it, each member at most half
+    for name in ENSEMBLES:
+        r = by[name]
+        assert r["budget"] == ("matched" if name.endswith("-matched") else "unmatched")
+        assert r["reference"] == (["cnn"] if "cnn" in name else ["random-0", "random-1"])  # full-budget rows
+        if r["budget"] == "matched":
+            assert r["params"] <= 8000
+            if r["kind"] == "feature":
+                assert r["job"]["params"] <= 4000
+    for m in ("random-0-1of2", "random-1-1of2"):
+        assert by[m]["params"] <= 4000 and by[m]["job"]["params"] == 4000
+    assert by["logit-random-2-matched"]["job"]["members"] == ["random-0-1of2", "random-1-1of2"]
+    assert by["logit-random-2-matched"]["params"] == by["random-0-1of2"]["params"] + by["random-1-1of2"]["params"]
+    assert by["onebyone-cnn-matched"]["job"]["params"] < by["feature-cnn-matched"]["job"]["params"] == 4000
+    le = by["logit-random-2"]
+    assert le["params"] == by["random-0"]["params"] + by["random-1"]["params"]
     assert le["gain_vs_mean"][e]["pgd20"] == pytest.approx(
-        le["robust_acc"][e]["pgd20"] - (s["models"][0]["robust_acc"][e]["pgd20"]
-                                        + s["models"][1]["robust_acc"][e]["pgd20"]) / 2)
+        le["robust_acc"][e]["pgd20"] - (by["random-0"]["robust_acc"][e]["pgd20"]
+                                        + by["random-1"]["robust_acc"][e]["pgd20"]) / 2)
+    lm = by["logit-random-2-matched"]  # compared with the same genotypes at the full budget
+    assert lm["gain_vs_mean"][e]["pgd20"] == pytest.approx(
+        lm["robust_acc"][e]["pgd20"] - (by["random-0"]["robust_acc"][e]["pgd20"]
+                                        + by["random-1"]["robust_acc"][e]["pgd20"]) / 2)
+    assert lm["reference_params"] == pytest.approx((by["random-0"]["params"] + by["random-1"]["params"]) / 2)
 
 
 def test_the_logit_ensemble_row_is_the_ensemble_of_the_saved_members(study):
     s = json.loads((study / "study.json").read_text())
     data = load_dataset("digits", subset=400)
-    members = [load_model(study / "models" / name)[0] for name in ("random-0", "random-1")]
+    by = {r["name"]: r for r in s["models"] + s["ensembles"]}
     x, y = data.test.x[:40], data.test.y[:40]
-    assert accuracy(LogitEnsemble(members), x, y) == pytest.approx(s["ensembles"][1]["clean_acc"])
-    assert accuracy(members[0], x, y) == pytest.approx(s["models"][0]["clean_acc"])
+    for ens in ("logit-random-2", "logit-random-2-matched"):
+        members = [load_model(study / "models" / name)[0] for name in by[ens]["job"]["members"]]
+        assert accuracy(LogitEnsemble(members), x, y) == pytest.approx(by[ens]["clean_acc"])
+        assert accuracy(members[0], x, y) == pytest.approx(by[by[ens]["job"]["members"][0]]["clean_acc"])
 
 
 def test_a_study_model_directory_is_a_run_directory(study):
@@ -216,13 +333,18 @@ def test_study_writes_report_table_and_plots(study):
     report = (study / "report.md").read_text()
     for e in s["eps"]:
         assert f"## eps {e}" in report
-    for name in ["random-0", "random-1", "darts_v2", "cnn", "feature-random-0", "logit-random-2"]:
+    for name in MODELS + ENSEMBLES:
         rows = [line for line in report.splitlines() if line.startswith(f"| {name} |")]
-        per_eps = 2 if name.startswith(("feature-", "logit-")) else 1  # ensembles also fill the ensembles table
+        per_eps = 2 if name in ENSEMBLES else 1  # ensembles also fill the ensembles table
         assert len(rows) == per_eps * len(s["eps"])
     assert "NAS - hand-crafted" in report and "## Ensembles" in report
+    # both comparisons, each ensemble under its own heading
+    unmatched, matched = report.index("### Unmatched"), report.index("### Budget-matched")
+    assert unmatched < report.index("| logit-random-2 | random-0, random-1 |") < matched
+    assert matched < report.index("| logit-random-2-matched | random-0-1of2, random-1-1of2 |")
     rows = list(csv.DictReader((study / "table.csv").open()))
-    assert len(rows) == 6 * (1 + 2 * 3)  # per model: clean, and per eps two attacks + worst
+    assert len(rows) == 12 * (1 + 2 * 3)  # per model: clean, and per eps two attacks + worst
+    assert all(int(r["flops"]) > 0 for r in rows)
     assert {r["attack"] for r in rows} == {"clean", "fgsm", "pgd20", "worst"}
     for png in ("robust_vs_eps", "groups", "ensembles"):
         assert (study / "plots" / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -262,6 +384,9 @@ def test_study_resume_reuses_finished_jobs(study):
     ({"handcrafted": ["alexnet"]}, "hand-crafted"),
     ({"attacks": ["pgd20", "nope"]}, "unknown attack"),
     ({"published": ["darts_v2"], "params": "100"}, "budget"),
+    ({"params": "5k", "ensembles": {"feature": ["random-0"], "combine": ["one_by_one"], "random": []}},
+     "one_by_one feature ensemble of 3 random-0 does not fit"),
+    ({"params": "5k", "ensembles": {"feature": [], "random": [2]}}, "budget-matched logit ensemble of 2"),
 ])
 def test_study_rejects_bad_settings_before_writing(tmp_path, change, message):
     cmd = validate(StudyCommand, {**STUDY, **change, "out": str(tmp_path / "s")})
