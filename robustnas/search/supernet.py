@@ -67,7 +67,13 @@ class SupernetConfig(Base):
     grad_clip: Optional[float] = Field(default=5.0, gt=0)  # 5
     weight_adv: Literal["none", "pgd", "fgsm-rs"] = "none"  # examples the weights learn on (ARNAS: pgd)
     attack_steps: int = Field(default=7, ge=1)    # PGD steps of the weight step (ARNAS: 7)
-    step_size: EpsText = None                     # None: 2.5*eps/steps for PGD, 1.25*eps for FGSM-RS
+    step_size: EpsText = None                     # None: PGD step_size_fraction*eps or 2.5*eps/steps; FGSM-RS 1.25*eps
+    step_size_fraction: Optional[float] = Field(default=None, gt=0)  # PGD step as a share of eps (ARNAS code: 1/4)
+    # BatchNorm during the search-time attacks: "eval" (running statistics; the project's attack convention) or
+    # "train" (batch statistics, and every attack forward updates the running statistics, as a model left in
+    # train mode does: the ARNAS code runs cleverhans' PGD so)
+    attack_bn_mode: Literal["eval", "train"] = "eval"
+    attack_clip: bool = True                      # clip search-time adversarial inputs to [0, 1] (ARNAS code: no)
     # --- alpha step: Adam
     alpha_lr: float = Field(default=3e-4, gt=0)   # 3e-4
     alpha_betas: tuple[float, float] = (0.5, 0.999)  # (0.5, 0.999)
@@ -146,10 +152,26 @@ class SupernetSearch:
         """The inputs of the weight step: x, or its PGD / FGSM-RS version against the current supernet."""
         cfg = self.cfg
         if cfg.weight_adv == "pgd":
-            return pgd(self.net, x, y, self.eps, steps=cfg.attack_steps, step_size=self.step_size, norm=self.norm)
+            return self.attack(x, y, cfg.attack_steps)
         if cfg.weight_adv == "fgsm-rs":
-            return fgsm_rs(self.net, x, y, self.eps, step_size=self.step_size, norm=self.norm)
+            return fgsm_rs(self.net, x, y, self.eps, step_size=self.step_size, norm=self.norm,
+                           **self._attack_mode())
         return x
+
+    def attack(self, x: Tensor, y: Tensor, steps: int) -> Tensor:
+        """The search-time PGD against the current supernet, in the BatchNorm mode, step and clipping the
+        config names (`attack_bn_mode`, `step_size` / `step_size_fraction`, `attack_clip`)."""
+        step = self.step_size
+        if step is None and self.cfg.step_size_fraction is not None:
+            step = self.cfg.step_size_fraction * self.eps
+        return pgd(self.net, x, y, self.eps, steps=steps, step_size=step, norm=self.norm, **self._attack_mode())
+
+    def _attack_mode(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"clip": (0.0, 1.0) if self.cfg.attack_clip else (-math.inf, math.inf)}
+        if self.cfg.attack_bn_mode == "train":
+            self.net.train()
+            kw["keep_mode"] = True
+        return kw
 
     def weight_loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """The training loss L_train of the weights (also the one unrolled in second order) and its logits."""
