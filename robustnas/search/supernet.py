@@ -135,6 +135,8 @@ class SupernetSearch:
 
     name: ClassVar[str] = "supernet"
     Config: ClassVar[type[SupernetConfig]] = SupernetConfig
+    # alpha-step figures also logged step by step: a list per epoch under "<name>_steps" in search.jsonl
+    step_series: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: SupernetConfig):
         if not isinstance(cfg, self.Config):
@@ -187,6 +189,10 @@ class SupernetSearch:
     def epoch_info(self, epoch: int) -> dict[str, Any]:
         """Method fields added to each epoch's record before the step figures (e.g. a stage name)."""
         return {}
+
+    def series_info(self, series: dict[str, list[float]]) -> dict[str, Any]:
+        """Fields of an epoch's record from its per-step series (those named in `step_series`)."""
+        return {f"{k}_steps": v for k, v in series.items()}
 
     def state_tensors(self) -> dict[str, Tensor]:
         """Method state beyond the supernet and optimizers, saved in the checkpoint."""
@@ -379,6 +385,7 @@ class SupernetSearch:
                 loss_sum = torch.zeros((), device=self.device)
                 correct = torch.zeros((), dtype=torch.long, device=self.device)
                 sums: dict[str, Any] = {}
+                series: dict[str, list[float]] = {}
                 seen = 0
                 for b in range(self.steps_per_epoch):
                     sl = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
@@ -388,6 +395,8 @@ class SupernetSearch:
                     loss, corr, info = self.search_step(x_w, y_w, x_a, y_a, lr, epoch, b, update_alphas)
                     for k, v in info.items():
                         sums[k] = sums.get(k, 0.0) + (v.detach() if isinstance(v, Tensor) else v)
+                        if k in self.step_series:
+                            series.setdefault(k, []).append(_num(v))
                     loss_sum += loss * len(y_w)
                     correct += corr
                     seen += len(y_w)
@@ -403,6 +412,7 @@ class SupernetSearch:
                                           "alpha_updates": update_alphas,
                                           "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen}
                 record.update({k: _num(v) / self.steps_per_epoch for k, v in sums.items()})
+                record.update(self.series_info(series))
                 genotype = self.net.genotype()
                 record.update({"val_clean": val_clean, "val_robust": val_robust,
                                "alphas": {k: w.tolist() for k, w in self.net.op_weights().items()},
