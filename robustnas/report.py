@@ -204,6 +204,25 @@ def plot_alphas(history: list[dict], path: Path, primitives: Optional[list[str]]
     return path
 
 
+def plot_gamma(history: list[dict], path: Path) -> Optional[Path]:
+    """ARNAS' MGDA weight gamma at every alpha step (`gamma_steps` of each epoch), epochs marked."""
+    rows = [h for h in history if h.get("gamma_steps")]
+    if not rows:
+        return None
+    plt, fig, (ax,) = _figure(width=6.0)
+    start = 0
+    for h in rows:
+        steps = range(start, start + len(h["gamma_steps"]))
+        ax.plot(steps, h["gamma_steps"], ".", ms=3, color="tab:blue")
+        ax.axvline(start - 0.5, color="gray", lw=0.6, ls=":")
+        start += len(h["gamma_steps"])
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("alpha step (dotted lines: epochs)")
+    ax.set_ylabel("gamma")
+    ax.set_title("gamma: weight of the natural gradient (0: adversarial only)", fontsize=9)
+    return _save(plt, fig, path)
+
+
 def _figure(ncols: int = 1, width: float = 5.0, height: float = 3.4):
     import matplotlib
 

@@ -4,6 +4,8 @@ exact resume, the registry, and the separation of weight and alpha updates. Tiny
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,10 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from robustnas.config import load_yaml, parse_eps
 from robustnas.errors import UserError
 from robustnas.genotypes import build_network, load_genotype
 from robustnas.search import STRATEGIES, SearchContext, Strategy, build_strategy, get_strategy
-from robustnas.search.arnas import Arnas, min_norm_two
+from robustnas.search import supernet
+from robustnas.search.arnas import Arnas, gamma_summary, min_norm_two
 from robustnas.search.darts import Darts
 from robustnas.search.supernet import SearchBatch
 
@@ -213,8 +217,20 @@ def test_killed_and_resumed_search_equals_an_uninterrupted_one(data, tmp_path):
     assert resumed.extra["alphas"] == full.extra["alphas"]
     assert (tmp_path / "cut" / "genotype.json").read_text() == (tmp_path / "full" / "genotype.json").read_text()
     assert [r["stage"] for r in full.history] == ["adv-only", "mgda"]
-    assert full.history[0]["gamma"] == 0.0 and 0.0 <= full.history[1]["gamma"] <= 1.0
     assert "alpha_loss_nat" in full.history[1]
+    # gamma of every MGDA alpha step; none in the adversarial-only stage, which has no gamma
+    assert "gamma" not in full.history[0] and "gamma_steps" not in full.history[0]
+    steps = full.history[1]["gamma_steps"]
+    assert len(steps) == TINY["max_batches_per_epoch"] and all(0.0 <= v <= 1.0 for v in steps)
+    assert full.history[1]["gamma"] == pytest.approx(sum(steps) / len(steps))
+    assert full.history[1]["gamma_at_0"] == sum(v == 0.0 for v in steps) / len(steps)
+    assert full.history[1]["gamma_at_1"] == sum(v == 1.0 for v in steps) / len(steps)
+    logged = [json.loads(line) for line in (tmp_path / "full" / "search.jsonl").read_text().splitlines()]
+    assert logged[1]["gamma_steps"] == steps
+    # and the run report plots them
+    lines = build_strategy("arnas", settings).report_sections(full, tmp_path / "full", data.meta)
+    assert (tmp_path / "full" / "plots" / "gamma.png").stat().st_size > 0
+    assert any(f"{len(steps)} alpha steps" in line for line in lines)
 
     # resuming a finished search runs nothing more and gives the same answer
     again = build_strategy("arnas", settings).search(_ctx(data, tmp_path / "cut"), resume=True)
@@ -246,6 +262,90 @@ def test_weight_and_alpha_updates_are_separate(data):
     assert all(torch.equal(p, p1) for p, p1 in zip(strat.weights, weights1))
     assert all(not torch.equal(a, a0) for a, a0 in zip(strat.alphas, alphas0))
     assert 0.0 <= info["gamma"] <= 1.0
+
+
+def test_gamma_summary_counts_clipped_steps():
+    assert gamma_summary([0.0, 0.0, 1.0, 0.5]) == {"n": 4, "at_0": 0.5, "at_1": 0.25, "mean": 0.375}
+    assert gamma_summary([1e-9, 0.999])["at_0"] == 0.0 and gamma_summary([])["n"] == 0
+
+
+# ------------------------------------------------------------------------------------------------- search attack
+def _bn_modes_during(strat, fn) -> tuple[set, bool]:
+    """BatchNorm modes seen by the forwards of fn(), and whether fn() moved any running mean."""
+    modes: set = set()
+    bns = [m for m in strat.net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    hooks = [m.register_forward_pre_hook(lambda mod, inp: modes.add(mod.training)) for m in bns]
+    before = [m.running_mean.clone() for m in bns]
+    try:
+        fn()
+    finally:
+        for h in hooks:
+            h.remove()
+    return modes, any(not torch.equal(m.running_mean, b) for m, b in zip(bns, before))
+
+
+@pytest.mark.parametrize("bn_mode", ["train", "eval"])
+def test_arnas_search_attack_bn_mode(data, bn_mode, monkeypatch):
+    """ARNAS' code runs cleverhans' PGD on the supernet left in train mode: batch statistics, and the
+    attack's forwards move the running statistics. `attack_bn_mode: eval` is the project's convention."""
+    settings = {**TINY, "layers": 4, "attack_steps": 2}
+    if bn_mode == "eval":
+        settings["attack_bn_mode"] = "eval"
+    strat = build_strategy("arnas", settings)  # train is the default
+    strat.setup(_ctx(data))
+    x, y = data.train.x[:16], data.train.y[:16]
+    modes, moved = _bn_modes_during(strat, lambda: strat.weight_examples(x, y))
+    assert modes == {bn_mode == "train"} and moved == (bn_mode == "train")
+    assert strat.net.training  # the caller's mode is back
+    assert all(p.grad is None for p in strat.net.parameters())
+
+    # the alpha step's attack on the validation batch: the modes seen inside each PGD call
+    seen = []
+    real_pgd = supernet.pgd
+
+    def spy(*a, **kw):
+        out = []
+        modes, _ = _bn_modes_during(strat, lambda: out.append(real_pgd(*a, **kw)))
+        seen.append(modes)
+        return out[0]
+
+    monkeypatch.setattr(supernet, "pgd", spy)
+    strat.alpha_step(_batch(data))
+    assert seen == [{bn_mode == "train"}]
+
+
+def test_arnas_search_attack_step_and_clip_follow_the_public_code(data, monkeypatch):
+    """Default: step eps/4 (2/255 at 8/255), no clipping to [0, 1]; `attack_clip` and `step_size` restore ours."""
+    calls = []
+    real_pgd = supernet.pgd
+    monkeypatch.setattr(supernet, "pgd", lambda *a, **kw: calls.append(kw) or real_pgd(*a, **kw))
+    x, y = data.train.x[:16], data.train.y[:16]
+    assert (x == 0).any()  # digits have black pixels, which an unclipped attack pushes below 0
+
+    strat = build_strategy("arnas", {**TINY, "layers": 4, "attack_steps": 3})
+    strat.setup(_ctx(data))
+    x_adv = strat.weight_examples(x, y)
+    assert calls[-1]["step_size"] == pytest.approx(0.25 * 0.1) and calls[-1]["steps"] == 3
+    assert x_adv.min() < 0 and (x_adv - x).abs().max() <= 0.1 + 1e-6
+
+    strat = build_strategy("arnas", {**TINY, "layers": 4, "attack_steps": 3, "attack_clip": True,
+                                     "step_size": "0.03"})
+    strat.setup(_ctx(data))
+    x_adv = strat.weight_examples(x, y)
+    assert calls[-1]["step_size"] == pytest.approx(0.03)
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+
+    # DARTS keeps the project's attack: eval mode, 2.5*eps/steps, clipped
+    cfg = build_strategy("darts").cfg
+    assert (cfg.attack_bn_mode, cfg.step_size_fraction, cfg.attack_clip) == ("eval", None, True)
+
+
+def test_arnas_config_carries_the_public_search_settings():
+    search = load_yaml(Path(__file__).parents[1] / "configs" / "arnas.yaml")["search"]
+    cfg = build_strategy("arnas", search).cfg
+    assert cfg.attack_bn_mode == "train" and not cfg.attack_clip and cfg.unrolled_momentum
+    assert cfg.order == "second" and cfg.attack_steps == 7
+    assert math.isclose(parse_eps(cfg.step_size), 2 / 255)
 
 
 # ------------------------------------------------------------------------------------------------- registry

@@ -3,11 +3,17 @@
 The weights learn on PGD examples; each alpha step takes the natural and the adversarial validation
 gradients, g_nat = grad_alpha CE(x) and g_adv = grad_alpha lambda*CE(x_adv), and steps along their
 min-norm convex combination (MGDA for two tasks), which lowers both losses whenever neither gradient
-opposes the other outright. See METHODS.md section 1.
+opposes the other outright. See METHODS.md section 1 and docs/arnas.md.
+
+Defaults follow the authors' code (fyqsama/ARNAS): the search-time PGD (weights and alpha batch alike)
+runs on the supernet in train mode (batch statistics; running statistics updated), 7 steps of eps/4
+(2/255 at 8/255), uniform random start, no clipping to [0, 1]; the second-order step unrolls with the
+weight optimizer's momentum and weight decay. gamma is logged for every alpha step (`gamma_steps`).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
 import torch
@@ -15,8 +21,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from robustnas.attacks import pgd
-from robustnas.search.base import register
+from robustnas.search.base import SearchResult, register
 from robustnas.search.supernet import SearchBatch, SupernetConfig, SupernetSearch
 
 
@@ -48,6 +53,11 @@ class ArnasConfig(SupernetConfig):
     lambda_adv: float = Field(default=0.1, gt=0)             # lambda in g_adv = grad lambda*CE(x_adv): 0.1
     alpha_attack_steps: Optional[int] = Field(default=None, ge=1)  # PGD steps for x_val_adv; None: attack_steps
     adv_only_epochs: int = Field(default=0, ge=0)            # optional first stage on the adversarial loss alone
+    # the search-time attack as the authors' code runs it (SupernetConfig says what each option does)
+    step_size_fraction: Optional[float] = Field(default=0.25, gt=0)  # 2/255 at eps 8/255
+    attack_bn_mode: Literal["eval", "train"] = "train"
+    attack_clip: bool = False
+    unrolled_momentum: bool = True                           # second order: DARTS' unrolled step, as the code
 
     @model_validator(mode="after")
     def _check_stage(self) -> "ArnasConfig":
@@ -56,10 +66,28 @@ class ArnasConfig(SupernetConfig):
         return self
 
 
+def gamma_summary(values: Sequence[float]) -> dict[str, Any]:
+    """n alpha steps, the share of them with gamma clipped to 0 (the step follows g_adv alone) and to 1
+    (g_nat alone), and the mean gamma."""
+    n = len(values)
+    if n == 0:
+        return {"n": 0, "at_0": None, "at_1": None, "mean": None}
+    return {"n": n, "at_0": sum(v == 0.0 for v in values) / n, "at_1": sum(v == 1.0 for v in values) / n,
+            "mean": sum(values) / n}
+
+
 @register
 class Arnas(SupernetSearch):
     name = "arnas"
     Config = ArnasConfig
+    step_series = ("gamma",)
+
+    def series_info(self, series: dict[str, list[float]]) -> dict[str, Any]:
+        info = super().series_info(series)
+        if "gamma" in series:
+            summary = gamma_summary(series["gamma"])
+            info.update({"gamma_at_0": summary["at_0"], "gamma_at_1": summary["at_1"]})
+        return info
 
     def epoch_info(self, epoch: int) -> dict[str, Any]:
         return {"stage": "adv-only" if epoch < self.cfg.adv_only_epochs else "mgda"}
@@ -68,7 +96,7 @@ class Arnas(SupernetSearch):
         cfg = self.cfg
         x, y = batch.x_a, batch.y_a
         steps = cfg.alpha_attack_steps or cfg.attack_steps
-        x_adv = pgd(self.net, x, y, self.eps, steps=steps, step_size=self.step_size, norm=self.norm)
+        x_adv = self.attack(x, y, steps)
         self.net.train()
 
         def nat(m: torch.nn.Module) -> Tensor:
@@ -80,8 +108,28 @@ class Arnas(SupernetSearch):
         if batch.epoch < cfg.adv_only_epochs:
             (g_adv,), (l_adv,) = self.hypergradients(batch, adv)
             self.apply_alpha_gradient(g_adv)
-            return {"alpha_loss_adv": l_adv / cfg.lambda_adv, "gamma": 0.0}
+            return {"alpha_loss_adv": l_adv / cfg.lambda_adv}  # no gamma: no multi-objective step
         (g_nat, g_adv), (l_nat, l_adv) = self.hypergradients(batch, nat, adv)
         gamma = min_norm_two(g_nat, g_adv)
         self.apply_alpha_gradient([gamma * gn + (1 - gamma) * ga for gn, ga in zip(g_nat, g_adv)])
         return {"alpha_loss_nat": l_nat, "alpha_loss_adv": l_adv / cfg.lambda_adv, "gamma": gamma}
+
+    def report_sections(self, result: SearchResult, out: Path, meta: Any = None) -> list[str]:
+        """gamma per alpha step: how often the multi-objective step is only the adversarial one."""
+        from robustnas.report import plot_gamma
+
+        values = [v for h in result.history for v in h.get("gamma_steps", [])]
+        if not values:
+            return []
+        s = gamma_summary(values)
+        p = plot_gamma(result.history, out / "plots" / "gamma.png")
+        lines = ["## MGDA weight gamma per alpha step (ARNAS)", "",
+                 f"{s['n']} alpha steps: gamma = 0 on {s['at_0']:.1%} (the step follows the adversarial gradient "
+                 f"alone), gamma = 1 on {s['at_1']:.1%} (the natural gradient alone), mean {s['mean']:.3f}. "
+                 "Where gamma sits at 0, the multi-objective part of the search is inert.", "",
+                 "| epoch | steps | gamma = 0 | gamma = 1 | mean |", "|---|---|---|---|---|"]
+        for h in result.history:
+            if h.get("gamma_steps"):
+                e = gamma_summary(h["gamma_steps"])
+                lines.append(f"| {h['epoch']} | {e['n']} | {e['at_0']:.1%} | {e['at_1']:.1%} | {e['mean']:.3f} |")
+        return lines + ["", f"![gamma](plots/{p.name})", ""]

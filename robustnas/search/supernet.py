@@ -67,7 +67,13 @@ class SupernetConfig(Base):
     grad_clip: Optional[float] = Field(default=5.0, gt=0)  # 5
     weight_adv: Literal["none", "pgd", "fgsm-rs"] = "none"  # examples the weights learn on (ARNAS: pgd)
     attack_steps: int = Field(default=7, ge=1)    # PGD steps of the weight step (ARNAS: 7)
-    step_size: EpsText = None                     # None: 2.5*eps/steps for PGD, 1.25*eps for FGSM-RS
+    step_size: EpsText = None                     # None: PGD step_size_fraction*eps or 2.5*eps/steps; FGSM-RS 1.25*eps
+    step_size_fraction: Optional[float] = Field(default=None, gt=0)  # PGD step as a share of eps (ARNAS code: 1/4)
+    # BatchNorm during the search-time attacks: "eval" (running statistics; the project's attack convention) or
+    # "train" (batch statistics, and every attack forward updates the running statistics, as a model left in
+    # train mode does: the ARNAS code runs cleverhans' PGD so)
+    attack_bn_mode: Literal["eval", "train"] = "eval"
+    attack_clip: bool = True                      # clip search-time adversarial inputs to [0, 1] (ARNAS code: no)
     # --- alpha step: Adam
     alpha_lr: float = Field(default=3e-4, gt=0)   # 3e-4
     alpha_betas: tuple[float, float] = (0.5, 0.999)  # (0.5, 0.999)
@@ -129,6 +135,8 @@ class SupernetSearch:
 
     name: ClassVar[str] = "supernet"
     Config: ClassVar[type[SupernetConfig]] = SupernetConfig
+    # alpha-step figures also logged step by step: a list per epoch under "<name>_steps" in search.jsonl
+    step_series: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: SupernetConfig):
         if not isinstance(cfg, self.Config):
@@ -146,10 +154,26 @@ class SupernetSearch:
         """The inputs of the weight step: x, or its PGD / FGSM-RS version against the current supernet."""
         cfg = self.cfg
         if cfg.weight_adv == "pgd":
-            return pgd(self.net, x, y, self.eps, steps=cfg.attack_steps, step_size=self.step_size, norm=self.norm)
+            return self.attack(x, y, cfg.attack_steps)
         if cfg.weight_adv == "fgsm-rs":
-            return fgsm_rs(self.net, x, y, self.eps, step_size=self.step_size, norm=self.norm)
+            return fgsm_rs(self.net, x, y, self.eps, step_size=self.step_size, norm=self.norm,
+                           **self._attack_mode())
         return x
+
+    def attack(self, x: Tensor, y: Tensor, steps: int) -> Tensor:
+        """The search-time PGD against the current supernet, in the BatchNorm mode, step and clipping the
+        config names (`attack_bn_mode`, `step_size` / `step_size_fraction`, `attack_clip`)."""
+        step = self.step_size
+        if step is None and self.cfg.step_size_fraction is not None:
+            step = self.cfg.step_size_fraction * self.eps
+        return pgd(self.net, x, y, self.eps, steps=steps, step_size=step, norm=self.norm, **self._attack_mode())
+
+    def _attack_mode(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {"clip": (0.0, 1.0) if self.cfg.attack_clip else (-math.inf, math.inf)}
+        if self.cfg.attack_bn_mode == "train":
+            self.net.train()
+            kw["keep_mode"] = True
+        return kw
 
     def weight_loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """The training loss L_train of the weights (also the one unrolled in second order) and its logits."""
@@ -165,6 +189,10 @@ class SupernetSearch:
     def epoch_info(self, epoch: int) -> dict[str, Any]:
         """Method fields added to each epoch's record before the step figures (e.g. a stage name)."""
         return {}
+
+    def series_info(self, series: dict[str, list[float]]) -> dict[str, Any]:
+        """Fields of an epoch's record from its per-step series (those named in `step_series`)."""
+        return {f"{k}_steps": v for k, v in series.items()}
 
     def state_tensors(self) -> dict[str, Tensor]:
         """Method state beyond the supernet and optimizers, saved in the checkpoint."""
@@ -357,6 +385,7 @@ class SupernetSearch:
                 loss_sum = torch.zeros((), device=self.device)
                 correct = torch.zeros((), dtype=torch.long, device=self.device)
                 sums: dict[str, Any] = {}
+                series: dict[str, list[float]] = {}
                 seen = 0
                 for b in range(self.steps_per_epoch):
                     sl = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
@@ -366,6 +395,8 @@ class SupernetSearch:
                     loss, corr, info = self.search_step(x_w, y_w, x_a, y_a, lr, epoch, b, update_alphas)
                     for k, v in info.items():
                         sums[k] = sums.get(k, 0.0) + (v.detach() if isinstance(v, Tensor) else v)
+                        if k in self.step_series:
+                            series.setdefault(k, []).append(_num(v))
                     loss_sum += loss * len(y_w)
                     correct += corr
                     seen += len(y_w)
@@ -381,6 +412,7 @@ class SupernetSearch:
                                           "alpha_updates": update_alphas,
                                           "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen}
                 record.update({k: _num(v) / self.steps_per_epoch for k, v in sums.items()})
+                record.update(self.series_info(series))
                 genotype = self.net.genotype()
                 record.update({"val_clean": val_clean, "val_robust": val_robust,
                                "alphas": {k: w.tolist() for k, w in self.net.op_weights().items()},
