@@ -139,7 +139,7 @@ def compare_updates(args, data, settings: dict, device: torch.device) -> None:
     """One search per alpha update, same seed; the selections of each under both budget rules."""
     from robustnas.config import parse_eps
     from robustnas.search import SearchContext, build_strategy
-    from robustnas.search.lrnas import select_under_budget
+    from robustnas.search.greedy import select_under_budget
 
     budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
     settings = {**settings, "epochs": args.epochs, "warmup_epochs": args.warmup, "final_C": args.final_C,

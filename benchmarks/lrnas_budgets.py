@@ -25,7 +25,8 @@ def main() -> None:
     from robustnas.genotypes import save_genotype
     from robustnas.pipeline import load_data, resolved, train_evaluate
     from robustnas.rundir import read_json
-    from robustnas.search.lrnas import LrnasConfig, select_under_budget
+    from robustnas.search.greedy import select_under_budget
+    from robustnas.search.lrnas import LrnasConfig
     from robustnas.size import parse_count
     from robustnas.training import resolve_device
 

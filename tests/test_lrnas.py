@@ -22,10 +22,12 @@ from robustnas.errors import UserError
 from robustnas.genotypes import build_network, load_genotype
 from robustnas.search import SearchContext, build_strategy
 from robustnas.data import DatasetMeta
-from robustnas.search.lrnas import (PUBLIC_FREE_OPS, GreedySelector, MaskedSubsets, SubsetAccuracy,
-                                    contribution_values, kind_zscore_update, leading_cells, momentum_update,
-                                    nested_values, player_names, random_orderings, removal_drops, select_under_budget,
-                                    split_players, subsets_forward, summarise_contributions, zscore)
+from robustnas.search.greedy import PUBLIC_FREE_OPS, GreedySelector, select_under_budget
+from robustnas.search.lrnas import kind_zscore_update, momentum_update
+from robustnas.search.masked import (MaskedSubsets, SubsetAccuracy, leading_cells, player_names, split_players,
+                                     subsets_forward)
+from robustnas.search.shapley import (contribution_values, nested_values, random_orderings, removal_drops,
+                                      summarise_contributions, zscore)
 from robustnas.size import count_params, parse_count
 from robustnas.spaces.darts import PRIMITIVES, Genotype, SuperNet
 

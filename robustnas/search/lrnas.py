@@ -19,10 +19,8 @@ Choices (documented in docs/lrnas.md):
 - alpha_update="kind-zscore" (default, the public code): the values are z-scored within each cell kind
   and a momentum of the increments moves the alphas; "joint-l2": METHODS.md's formula, one L2
   normalisation over both kinds and a normalised momentum (every round moves the alphas by eta).
-- The 225 nested subsets of an ordering are evaluated `eval_chunk` at a time in one forward: the batch is
-  stacked once per subset and every op runs only on the rows of the subsets that still hold it (a masked
-  op's output is multiplied by zero in the supernet, so skipping it gives the same sums). `impl="naive"`
-  is the reference: one masked forward of the supernet per subset.
+- The 225 nested subsets of an ordering are evaluated `eval_chunk` at a time in one batched masked forward
+  (search/masked.py); `impl="naive"` is the reference: one masked forward of the supernet per subset.
 
 The derivation (`LrnasSuperNet.genotype`) is the greedy selection: each edge's best op by raw alpha
 (`none` allowed), edges of both cell kinds in decreasing alpha, filling the two input slots of each node;
@@ -30,77 +28,37 @@ the FINAL network (final_C, final_layers) is built on the meta device and counte
 (default, the public code) counts the network before the addition: while it is within max_params any op
 goes in, so the last op may take it past the budget; past it only none, pools and skip_connect go in.
 "strict" counts it after the addition and adds an op only when the network stays within max_params.
+
+Machinery: search/shapley.py (orderings, nested values, drops), search/masked.py (masked subsets in one
+forward, their clean / FGSM accuracy), search/greedy.py (the selection and its parameter counting).
 """
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
-from torch import Tensor, nn
+from torch import Tensor
 
-from robustnas.attacks import fgsm
 from robustnas.config import ParamCount
 from robustnas.data import DatasetMeta
-from robustnas.errors import UserError
-from robustnas.genotypes import build_network
 from robustnas.ops import has_parameters
 from robustnas.search.base import SearchContext, SearchResult, register
+from robustnas.search.greedy import GreedySelector, Selection, select_under_budget
+from robustnas.search.masked import SubsetAccuracy, auto_chunk, player_names
+from robustnas.search.shapley import (contribution_values, nested_values, random_orderings, removal_drops,
+                                      summarise_contributions, zscore)
 from robustnas.search.supernet import SearchBatch, SupernetConfig, SupernetSearch
-from robustnas.size import count_params, format_count, parse_count
-from robustnas.spaces.darts import PRIMITIVES, Genotype, MixedOp, SearchCell, SuperNet, channel_shuffle
+from robustnas.size import parse_count
+from robustnas.spaces.darts import PRIMITIVES, Genotype, SuperNet
 from robustnas.training import epoch_seed
 
-ValueFn = Callable[[Tensor], Tensor]  # active players (G, P) bool -> values (G, m) of those G subsets
 
-
-# ================================================================================================ Shapley core
-def random_orderings(n_players: int, n: int, generator: torch.Generator) -> Tensor:
-    """n random permutations of the players, one per row."""
-    return torch.stack([torch.randperm(n_players, generator=generator) for _ in range(n)])
-
-
-def nested_values(value_fn: ValueFn, order: Tensor, chunk: int = 16) -> Tensor:
-    """Values (P+1, m) of the nested subsets of one ordering: row j has every player but order[:j]
-    (row 0 the full set, row P the empty one). value_fn gets `chunk` subsets at a time."""
-    P = len(order)
-    pos = torch.empty(P, dtype=torch.long)
-    pos[order] = torch.arange(P)
-    out = []
-    for start in range(0, P + 1, chunk):
-        j = torch.arange(start, min(start + chunk, P + 1))
-        out.append(value_fn(pos[None, :] >= j[:, None]))
-    return torch.cat(out)
-
-
-def removal_drops(values: Tensor, order: Tensor, marginal: Literal["previous", "full"] = "previous") -> Tensor:
-    """Each player's drop (P, m), indexed by player, from the nested values of its ordering: against the
-    subset before its removal ("previous": the Shapley marginal) or against the full set ("full")."""
-    before = values[:-1] if marginal == "previous" else values[:1].expand(len(order), -1)
-    drops = torch.empty_like(values[1:])
-    drops[order] = before - values[1:]
-    return drops
-
-
-def zscore(t: Tensor, dim: int, unbiased: bool = False) -> Tensor:
-    """(t - mean) / std along dim (population std unless unbiased); 0 where the std is 0 (nothing to rank)."""
-    std = t.std(dim, unbiased=unbiased, keepdim=True)
-    z = (t - t.mean(dim, keepdim=True)) / std
-    return torch.where(std > 0, z, torch.zeros_like(z))
-
-
-def contribution_values(drops: Tensor) -> Tensor:
-    """LRNAS value of each player from drops (orderings, P, metrics): the mean over orderings of the sum
-    over metrics of the drops z-scored across players."""
-    return zscore(drops.double(), 1).sum(-1).mean(0)
-
-
+# ================================================================================================ alpha update
 def momentum_update(alpha: Tensor, v: Tensor, values: Tensor, mu: float, eta: float) -> tuple[Tensor, Tensor]:
     """alpha_update "joint-l2" (METHODS.md): v <- (1 - mu) v + mu V/||V||;  alpha <- alpha + eta v/||v||
     (flat tensors, both cell kinds in one norm; a zero norm moves nothing)."""
@@ -121,327 +79,7 @@ def kind_zscore_update(alpha: Tensor, d: Tensor, values: Tensor, mu: float, eta:
     return alpha + d, d
 
 
-# ================================================================================================ players
-def player_names(net: SuperNet) -> list[str]:
-    """Names "kind/edge/op" of the players, in the order of the flattened alphas (kind, edge, op); edges are
-    numbered node by node as in the alpha rows (node 0: inputs 0,1; node 1: inputs 0,1,2; ...)."""
-    return [f"{kind}/{e}/{op}" for kind in net.alpha_names for e in range(net.num_edges) for op in net.primitives]
-
-
-def split_players(net: SuperNet, active: Tensor) -> dict[str, Tensor]:
-    """(G, P) player flags -> per cell kind (G, edges, ops) masks."""
-    E, O = net.num_edges, len(net.primitives)
-    return {kind: active[:, i * E * O:(i + 1) * E * O].reshape(-1, E, O) for i, kind in enumerate(net.alpha_names)}
-
-
-# ================================================================================================ batched subsets
-def _mixed_rows(op: MixedOp, x: Tensor, w: Tensor, active: Tensor, rows: int) -> Tensor:
-    """MixedOp.forward for stacked subsets: block g (rows g*rows ...) keeps op i where active[g, i]; each
-    op runs only on the blocks that keep it and adds into their rows, in the supernet's summation order."""
-    C_op = op.C // op.k
-    xin = x if op.k == 1 else x[:, :C_op]
-    n, _, h, wd = xin.shape
-    if xin.requires_grad:  # keep the output tied to the input even when no op is kept (as the zero weights do)
-        out = xin[:, :, ::op.stride, ::op.stride] * 0.0
-    else:
-        out = xin.new_zeros(n, C_op, h // op.stride, wd // op.stride)
-    G = active.shape[0]
-    counts = active.sum(0).tolist()
-    for i, f in enumerate(op.ops):
-        c = counts[i]
-        if c == 0:
-            continue
-        if c == G:
-            out.add_(w[i] * f(xin))
-        elif bool(active[:c, i].all()):  # a leading run of blocks (nested subsets): plain slices
-            out[:c * rows].add_(w[i] * f(xin[:c * rows]))
-        else:
-            idx = (torch.nonzero(active[:, i]).flatten()[:, None] * rows
-                   + torch.arange(rows, device=active.device)).flatten().to(x.device)
-            out.index_add_(0, idx, w[i] * f(xin.index_select(0, idx)))
-    if op.k == 1:
-        return out
-    rest = x[:, C_op:]
-    if op.bypass_pool is not None:
-        rest = op.bypass_pool(rest)
-    return channel_shuffle(torch.cat([out, rest], dim=1), op.k, op.C)
-
-
-def _cell_rows(cell: SearchCell, s0: Tensor, s1: Tensor, w: Tensor, active: Tensor, rows: int) -> Tensor:
-    states = [cell.preprocess0(s0), cell.preprocess1(s1)]
-    offset = 0
-    for _ in range(cell.steps):
-        s = _mixed_rows(cell.edges[offset], states[0], w[offset], active[:, offset], rows)
-        for j in range(1, len(states)):
-            s = s + _mixed_rows(cell.edges[offset + j], states[j], w[offset + j], active[:, offset + j], rows)
-        offset += len(states)
-        states.append(s)
-    return torch.cat(states[-cell.multiplier:], dim=1)
-
-
-def _run_cells(net: SuperNet, s0: Tensor, s1: Tensor, masks: dict[str, Tensor], rows: int,
-               cells: range) -> tuple[Tensor, Tensor]:
-    weights = {kind: F.softmax(a.detach(), dim=-1) for kind, a in net.alphas().items()}
-    for i in cells:
-        kind = net.cell_kinds[i]
-        s0, s1 = s1, _cell_rows(net.cells[i], s0, s1, weights[kind], masks[kind], rows)
-    return s0, s1
-
-
-def _head(net: SuperNet, s1: Tensor) -> Tensor:
-    return net.classifier(torch.flatten(net.global_pooling(s1), 1))
-
-
-def subsets_forward(net: SuperNet, x: Tensor, masks: dict[str, Tensor], rows: int) -> Tensor:
-    """Logits of G op-masked subnetworks in one pass: x holds G blocks of `rows` inputs, block g goes
-    through the supernet with masks[kind][g] (edges x ops). Equals net(x_g) under net.masked(...) block
-    by block; ops are skipped on the blocks that mask them. Use in eval mode (per-sample BatchNorm)."""
-    s = net.stem(x)
-    return _head(net, _run_cells(net, s, s, masks, rows, range(len(net.cells)))[1])
-
-
-def leading_cells(net: SuperNet) -> int:
-    """Length of the leading run of cells of one kind: their output depends on that kind's mask only."""
-    n = 1
-    while n < len(net.cells) and net.cell_kinds[n] == net.cell_kinds[0]:
-        n += 1
-    return n
-
-
-class MaskedSubsets(nn.Module):
-    """The supernet as G masked subnetworks over stacked input blocks, as one module an attack can use."""
-
-    def __init__(self, net: SuperNet, masks: dict[str, Tensor], rows: int):
-        super().__init__()
-        self.net, self.masks, self.rows = net, masks, rows
-
-    def forward(self, x: Tensor) -> Tensor:
-        return subsets_forward(self.net, x, self.masks, self.rows)
-
-
-def auto_chunk(net: SuperNet, x: Tensor, rows: int, backward: bool = False) -> int:
-    """Subsets per batched forward: the stem output of a forward stays near 16 MiB on CPU (larger tensors
-    cost page faults and cache misses more than batching saves) and 1 GiB on CUDA (kernel launches);
-    64 times less when the forward is kept for a backward pass (per-subset FGSM: every op's activations)."""
-    stem = net.stem[1].out_channels * x[0].numel() // x.shape[1] * x.element_size() * rows
-    target = (2 ** 30 if x.device.type == "cuda" else 2 ** 24) // (64 if backward else 1)
-    return max(1, target // max(stem, 1))
-
-
-class SubsetAccuracy:
-    """value_fn for nested_values: clean and FGSM accuracy (G, 2) of G op subsets on one batch (x, y).
-
-    fgsm "full-network": the FGSM examples are made once, at construction, against the full supernet;
-    "per-subset": each subset attacks itself. impl "naive": one masked supernet forward per subset;
-    "batched": G subsets per forward (subsets_forward), and with fixed examples the output of the leading
-    cells of one kind is kept from the previous call and reused by every later subset whose mask of
-    that kind is the same (in a removal order, about half of them)."""
-
-    def __init__(self, net: SuperNet, x: Tensor, y: Tensor, eps: float, norm: str = "Linf",
-                 fgsm_mode: Literal["full-network", "per-subset"] = "full-network",
-                 impl: Literal["batched", "naive"] = "batched"):
-        self.net, self.x, self.y, self.eps, self.norm = net, x, y, eps, norm
-        self.fgsm_mode, self.impl = fgsm_mode, impl
-        self.x_adv = self._eval(lambda: fgsm(net, x, y, eps, norm=norm)) if fgsm_mode == "full-network" else None
-        self.prefix: dict[bytes, tuple[Tensor, Tensor]] = {}
-        self.prefix_cells = leading_cells(net)
-        self.prefix_reused = 0  # subsets whose leading cells were not computed for them
-
-    def _eval(self, fn: Callable[[], Any]) -> Any:
-        was = self.net.training
-        self.net.eval()
-        try:
-            return fn()
-        finally:
-            self.net.train(was)
-
-    def __call__(self, active: Tensor) -> Tensor:
-        return self._eval(lambda: self.naive(active) if self.impl == "naive" else self.batched(active))
-
-    def naive(self, active: Tensor) -> Tensor:
-        net, x, y, B = self.net, self.x, self.y, len(self.y)
-        out = []
-        for g in range(active.shape[0]):
-            masks = {k: m[0] for k, m in split_players(net, active[g:g + 1]).items()}
-            with net.masked(**masks):
-                x_adv = self.x_adv if self.x_adv is not None else fgsm(net, x, y, self.eps, norm=self.norm)
-                with torch.no_grad():
-                    logits = net(torch.cat([x, x_adv]))
-            out.append(torch.stack([(logits[:B].argmax(1) == y).sum(), (logits[B:].argmax(1) == y).sum()]))
-        return torch.stack(out).cpu().double() / B
-
-    def batched(self, active: Tensor) -> Tensor:
-        net, x, y, B = self.net, self.x, self.y, len(self.y)
-        G = active.shape[0]
-        masks = {k: m.to(x.device) for k, m in split_players(net, active).items()}
-        with torch.no_grad():
-            if self.x_adv is not None:
-                logits = self._with_prefix(torch.cat([x, self.x_adv]), masks, G)
-            else:
-                subsets = MaskedSubsets(net, masks, B).eval()
-                with torch.enable_grad():
-                    x_adv = fgsm(subsets, x.repeat(G, 1, 1, 1), y.repeat(G), self.eps, norm=self.norm)
-                both = torch.stack([x.expand(G, *x.shape), x_adv.view(G, *x.shape)], 1)
-                logits = subsets_forward(net, both.reshape(G * 2 * B, *x.shape[1:]), masks, 2 * B)
-        correct = (logits.view(G, 2, B, -1).argmax(-1) == y).sum(-1)
-        return correct.cpu().double() / B
-
-    def _with_prefix(self, block: Tensor, masks: dict[str, Tensor], G: int) -> Tensor:
-        """subsets_forward of G copies of `block`, the leading cells taken from the cache where it can."""
-        net, n0, rows = self.net, self.prefix_cells, len(block)
-        kind = net.cell_kinds[0]
-        keys = [masks[kind][g].cpu().numpy().tobytes() for g in range(G)]
-        new = list(dict.fromkeys(k for k in keys if k not in self.prefix))
-        self.prefix_reused += G - len(new)
-        if new:
-            first = [keys.index(k) for k in new]
-            sub = {kd: m[first] for kd, m in masks.items()}
-            s = net.stem(block.repeat(len(new), *([1] * (block.dim() - 1))))
-            s0, s1 = _run_cells(net, s, s, sub, rows, range(n0))
-            for i, k in enumerate(new):
-                self.prefix[k] = (s0[i * rows:(i + 1) * rows], s1[i * rows:(i + 1) * rows])
-        self.prefix = {k: self.prefix[k] for k in dict.fromkeys(keys)}  # a removal order never comes back
-        s0 = torch.cat([self.prefix[k][0] for k in keys])
-        s1 = torch.cat([self.prefix[k][1] for k in keys])
-        return _head(net, _run_cells(net, s0, s1, masks, rows, range(n0, len(net.cells)))[1])
-
-
-# ================================================================================================ greedy selection
-@dataclass
-class Selection:
-    """The greedy selection's genotype, its final network's parameter count, and one log entry per edge
-    in the order it was considered: kind, edge, node, input, op, alpha, decision, params after it."""
-
-    genotype: Genotype
-    params: int
-    log: list[dict] = field(default_factory=list)
-
-
-# the ops the public code still adds once the network is past the budget (its PRIMITIVES[:4]); a
-# skip_connect on a stride-2 edge is among them although it is a FactorizedReduce with weights
-PUBLIC_FREE_OPS = ("none", "max_pool_3x3", "avg_pool_3x3", "skip_connect")
-
-
-class GreedySelector:
-    """LRNAS's budgeted derivation; counts the FINAL network (final C and layers) built on the meta device.
-
-    budget_rule "official" (the public code): an op goes in while the network BEFORE it is within the
-    budget, so the op that crosses the budget is kept; past the budget only PUBLIC_FREE_OPS go in.
-    "strict": the network is counted AFTER the addition and never exceeds the budget; after_budget then
-    says what follows the first refusal: "free-only" adds only ops that add no parameters (counted),
-    "fit" every later op that still fits.
-    """
-
-    def __init__(self, meta: DatasetMeta, C: int, layers: int, max_params: Optional[int] = None,
-                 primitives: Sequence[str] = PRIMITIVES, steps: int = 4, multiplier: int = 4,
-                 after_budget: Literal["free-only", "fit"] = "free-only", kinds: Sequence[str] = ("normal", "reduce"),
-                 reduction_layers: Optional[Sequence[int]] = None,
-                 budget_rule: Literal["official", "strict"] = "official"):
-        if budget_rule == "official" and after_budget != "free-only":
-            raise ValueError(f"after_budget={after_budget!r} applies to budget_rule 'strict' only")
-        self.budget_rule = budget_rule
-        self.meta, self.C, self.layers = meta, C, layers
-        self.net_kw = {} if reduction_layers is None else {"reduction_layers": list(reduction_layers)}
-        self.budget = math.inf if max_params is None else int(max_params)
-        self.primitives = tuple(primitives)
-        self.steps, self.multiplier, self.after_budget, self.kinds = steps, multiplier, after_budget, tuple(kinds)
-        self.edges = [(node, j) for node in range(steps) for j in range(node + 2)]
-        self._counts: dict[str, int] = {}
-        self._last: Optional[tuple[bytes, Selection]] = None
-
-    def count(self, genotype: Genotype) -> int:
-        key = genotype.to_json(indent=None)
-        if key not in self._counts:
-            m = self.meta
-            with torch.device("meta"):
-                net = build_network(genotype, C=self.C, layers=self.layers, num_classes=m.num_classes,
-                                    in_shape=m.shape, mean=m.mean, std=m.std, **self.net_kw)
-            self._counts[key] = count_params(net)
-        return self._counts[key]
-
-    def _genotype(self, cells: dict[str, list[list[tuple[str, int]]]]) -> Genotype:
-        """Genotype from per-node filled slots; unfilled slots get `none` on an input the node does not use."""
-        out: dict[str, Any] = {}
-        concat = list(range(2 + self.steps - self.multiplier, self.steps + 2))
-        for kind in self.kinds:
-            pairs: list[tuple[str, int]] = []
-            for node, filled in enumerate(cells[kind]):
-                free = [j for j in range(node + 2) if j not in {i for _, i in filled}]
-                pairs.extend(filled + [("none", free[k]) for k in range(2 - len(filled))])
-            out[kind], out[f"{kind}_concat"] = pairs, concat
-        return Genotype(**out)
-
-    def empty_params(self) -> int:
-        return self.count(self._genotype({k: [[] for _ in range(self.steps)] for k in self.kinds}))
-
-    def check(self) -> None:
-        """Refuse, before searching, a budget below the final network with every op `none`."""
-        base = self.empty_params()
-        if base > self.budget:
-            raise UserError(f"max_params={format_count(int(self.budget))} is below the {format_count(base)} "
-                            f"parameters of the final network with no op at all (C={self.C}, layers={self.layers}); "
-                            f"raise max_params or lower final_C / final_layers")
-
-    def select(self, alphas: dict[str, Tensor]) -> Selection:
-        """Greedy selection on raw alphas {kind: (edges, ops)}; ties go to the lower kind/edge/op index."""
-        key = b"".join(alphas[k].detach().cpu().double().numpy().tobytes() for k in self.kinds)
-        if self._last is not None and self._last[0] == key:
-            return self._last[1]
-        cand = []
-        for ki, kind in enumerate(self.kinds):
-            a = alphas[kind].detach().cpu().double()
-            for e in range(len(self.edges)):
-                o = int(torch.argmax(a[e]))  # the first maximum
-                cand.append((-float(a[e, o]), ki, e, o))
-        cand.sort()
-        cells = {k: [[] for _ in range(self.steps)] for k in self.kinds}
-        params = self.empty_params()
-        full = False
-        log = []
-        for neg, ki, e, o in cand:
-            kind, (node, j), op = self.kinds[ki], self.edges[e], self.primitives[o]
-            entry = {"kind": kind, "edge": e, "node": node, "input": j, "op": op, "alpha": -neg}
-            if len(cells[kind][node]) == 2:
-                entry["decision"] = "node full"
-            elif self.budget_rule == "official":  # counted before the addition
-                if params <= self.budget or op in PUBLIC_FREE_OPS:
-                    cells[kind][node].append((op, j))
-                    params = self.count(self._genotype(cells))
-                    entry["decision"] = "added"
-                else:
-                    entry["decision"] = "over budget"
-            else:
-                cells[kind][node].append((op, j))
-                n = self.count(self._genotype(cells))
-                adds = n > params
-                if n > self.budget or (adds and full and self.after_budget == "free-only"):
-                    cells[kind][node].pop()
-                    entry["decision"] = "over budget" if n > self.budget else "budget reached"
-                    full = True
-                else:
-                    params = n
-                    entry["decision"] = "added"
-            entry["params"] = params
-            log.append(entry)
-        sel = Selection(self._genotype(cells), params, log)
-        self._last = (key, sel)
-        return sel
-
-
-def select_under_budget(alphas: dict[str, Any], meta: DatasetMeta, max_params: Optional[str | int], C: int,
-                        layers: int, after_budget: Literal["free-only", "fit"] = "free-only",
-                        reduction_layers: Optional[Sequence[int]] = None,
-                        budget_rule: Literal["official", "strict"] = "official") -> Selection:
-    """The greedy selection for raw alphas {kind: edges x ops} (tensors or the nested lists of a search's
-    `alpha_raw`) under another budget: the contributions do not depend on the budget, so one search
-    serves every budget."""
-    budget = parse_count(max_params) if max_params is not None else None
-    selector = GreedySelector(meta, C, layers, budget, PRIMITIVES, after_budget=after_budget,
-                              reduction_layers=reduction_layers, budget_rule=budget_rule)
-    selector.check()
-    return selector.select({k: torch.as_tensor(v, dtype=torch.float64) for k, v in alphas.items()})
-
-
+# ================================================================================================ selection
 class LrnasSuperNet(SuperNet):
     """The DARTS supernet whose derivation is the LRNAS greedy selection on the raw alphas."""
 
@@ -652,35 +290,3 @@ class Lrnas(SupernetSearch):
             lines.append("")
         return lines
 
-
-# ================================================================================================ report
-def summarise_contributions(history: Sequence[dict], metric: Literal["value", "clean_drop", "fgsm_drop"] = "value"
-                            ) -> dict[str, Any]:
-    """Mean of a contribution metric per op type, per cell kind and per (kind, op), for every epoch of a
-    search.jsonl history that has contributions: {"epochs", "by_op", "by_kind", "by_kind_op"}, each
-    leaf a list over those epochs. What the report plots."""
-    epochs: list[int] = []
-    by_op: dict[str, list[float]] = {}
-    by_kind: dict[str, list[float]] = {}
-    by_kind_op: dict[str, dict[str, list[float]]] = {}
-    for rec in history:
-        c = rec.get("contributions")
-        if not c:
-            continue
-        epochs.append(rec["epoch"])
-        groups: dict[tuple[str, str], list[float]] = {}
-        for name, v in zip(c["players"], c[metric]):
-            kind, _, op = name.split("/")
-            groups.setdefault((kind, op), []).append(v)
-        kinds = list(dict.fromkeys(k for k, _ in groups))
-        ops = list(dict.fromkeys(o for _, o in groups))
-        for op in ops:
-            vals = [v for (k, o), vs in groups.items() if o == op for v in vs]
-            by_op.setdefault(op, []).append(sum(vals) / len(vals))
-        for kind in kinds:
-            vals = [v for (k, o), vs in groups.items() if k == kind for v in vs]
-            by_kind.setdefault(kind, []).append(sum(vals) / len(vals))
-            for op in ops:
-                vs = groups[(kind, op)]
-                by_kind_op.setdefault(kind, {}).setdefault(op, []).append(sum(vs) / len(vs))
-    return {"metric": metric, "epochs": epochs, "by_op": by_op, "by_kind": by_kind, "by_kind_op": by_kind_op}
