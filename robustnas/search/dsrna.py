@@ -1,7 +1,8 @@
 """DSRNA (Hosseini, Yang & Xie, CVPR 2021): differentiable search of robust architectures.
 
 DARTS with a robustness metric R in the alpha objective: min_alpha L_val - gamma * R, gamma = 0.01, first
-order by default (under `combined`, each metric may have its own gamma: gamma_jacobian, gamma_cb). R is one of (METHODS.md section 4):
+order by default (each metric may have its own weight: gamma_jacobian, gamma_cb). R is one of (METHODS.md
+section 4):
 
 - "jacobian": R_Jac = -(eps/K) * mean_x sum_k ||grad_x f_k(x)||_q (robustnas.jacobian), exact or by random
   projection;
