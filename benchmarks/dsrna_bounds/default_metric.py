@@ -1,12 +1,12 @@
 """The default cb metric on a tiny digits supernet at eps 0.1: value, time and alpha gradient, beside IBP,
-CROWN-IBP and a PGD-50 margin. Usage: default_metric.py "dict(C=2, layers=3)" (extra dsrna settings)."""
+CROWN-IBP and a PGD-50 margin. Usage: default_metric.py "dict(C=2, layers=3)" [DATASET] (extra dsrna settings)."""
 import sys, time, torch, resource
 torch.set_num_threads(1)
 from robustnas.data import load_dataset
 from robustnas.search import SearchContext, build_strategy
 from robustnas.certify import margin_lower_bound
 from robustnas.attacks import pgd
-data = load_dataset("digits", subset=200, seed=0)
+data = load_dataset(sys.argv[2] if len(sys.argv) > 2 else "digits", subset=200, seed=0)
 kw = dict(C=4, layers=3, batch_size=16, epochs=2, max_batches_per_epoch=2, val_n=16, val_steps=1, val_metric_n=8, metric="cb")
 kw.update(eval(sys.argv[1]) if len(sys.argv) > 1 else {})
 strat = build_strategy("dsrna", kw)
