@@ -67,8 +67,9 @@ class DsrnaConfig(SupernetConfig):
     jacobian_mode: Literal["exact", "projection"] = "projection"
     projections: int = Field(default=1, ge=1)
     projection: Literal["sphere", "gaussian"] = "sphere"
-    # certified-bound metric: CROWN with CROWN intermediate bounds (the paper's linear bounds, not vacuous
-    # on a supernet); crown-ibp and ibp take intermediate bounds from intervals (vacuous on a deep supernet)
+    # certified-bound metric: CROWN with CROWN intermediate bounds (linear bounds as in the paper; far tighter
+    # than intervals on a supernet, and slow: docs/dsrna.md); crown-ibp and ibp take intermediate bounds from
+    # intervals (vacuous on a deep supernet)
     cb_method: Literal["crown", "crown-ibp", "ibp"] = "crown"
     cb_window: Optional[int] = Field(default=30, ge=1)        # crown: graph values an intermediate bound
     #                                                            walks back (cost ~ linear in it); None: all
