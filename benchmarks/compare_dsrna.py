@@ -21,7 +21,7 @@ import torch
 
 METHODS = {
     "darts": ("darts", {}),
-    "dsrna-cb": ("dsrna", {"metric": "cb"}),
+    "dsrna-cb": ("dsrna", {"metric": "cb", "cb_method": "ibp", "cb_n": None}),  # the documented (IBP) run
     "dsrna-jacobian": ("dsrna", {"metric": "jacobian"}),
 }
 

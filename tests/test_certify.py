@@ -507,3 +507,49 @@ def test_bad_arguments_raise_user_errors():
         margin_lower_bound(model, x, y + 3, 0.1)
     with pytest.raises(UserError, match="y must be"):
         certified_accuracy(model, x, y[:2], 0.1)
+
+
+# ------------------------------------------------------------------------------------------- speed paths
+def test_certification_bounds_only_correctly_classified_samples(monkeypatch):
+    import robustnas.certify as certify
+
+    model = hand_cnn()
+    x, _ = data("hand_cnn", n=12, seed=3)
+    y = labelled(model, x)
+    with torch.no_grad():
+        correct = model(x).argmax(1) == y
+    assert 0 < int(correct.sum()) < len(x)
+    sizes = []
+    real = certify._margin
+
+    def counting(traced, xb, *args, **kw):
+        sizes.append(len(xb))
+        return real(traced, xb, *args, **kw)
+
+    monkeypatch.setattr(certify, "_margin", counting)
+    r = certified_radius(model, x, y, method="ibp", max_eps=0.5, tol=1e-2)
+    assert max(sizes) == int(correct.sum()) and (r[~correct] == 0).all()
+    sizes.clear()
+    certified_accuracy(model, x, y, 0.01, method="ibp")
+    assert sizes == [int(correct.sum())]
+
+
+def test_conv_transpose_path_equals_the_vjp():
+    """CROWN through Conv2d by a transposed convolution gives the bound of the generic vjp (odd sizes,
+    stride, dilation, groups)."""
+    from robustnas.bounds import TracedModel
+    from robustnas.bounds.crown import backward_lower
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2), nn.ReLU(),
+                          nn.Conv2d(4, 3, 2, stride=3), nn.Flatten()).eval()
+    x = torch.rand(2, 2, 9, 7)
+    graph = TracedModel(model).propagate(x - 0.05, x + 0.05)
+    assert sum(s.transpose is not None for s in graph.steps) == 3
+    spec = torch.randn(2, 5, *graph.steps[graph.output].lo.shape[1:])
+    fast = backward_lower(graph, graph.output, spec)
+    for s in graph.steps:
+        s.transpose = None
+    graph._vjps.clear()
+    torch.testing.assert_close(fast, backward_lower(graph, graph.output, spec), rtol=1e-5, atol=1e-5)

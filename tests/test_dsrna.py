@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robustnas.attacks import pgd
 from robustnas.certify import margin_lower_bound
 from robustnas.errors import UserError
 from robustnas.jacobian import dual_order, frobenius_sq_estimate, jacobian_metric, jacobian_row_norms
@@ -184,9 +185,9 @@ def test_certified_bound_is_sound_on_sampled_perturbations_of_the_supernet(data,
     torch.testing.assert_close(tiny, _margins(net, x, y), rtol=0, atol=1e-2)
 
 
-def _dsrna(data, **kw) -> Dsrna:
+def _dsrna(data, eps: float = 0.01, **kw) -> Dsrna:
     strat = build_strategy("dsrna", {**TINY, **kw})
-    strat.setup(SearchContext(data=data, eps=0.01, seed=3, progress=False))
+    strat.setup(SearchContext(data=data, eps=eps, seed=3, progress=False))
     with torch.no_grad():
         strat.net.train()
         strat.net(data.train.x[:32])  # BN running statistics away from their initial values
@@ -198,7 +199,7 @@ def _dsrna(data, **kw) -> Dsrna:
     {"metric": "jacobian", "jacobian_mode": "projection"},
     {"metric": "cb", "cb_method": "ibp"},
     {"metric": "cb", "cb_method": "crown-ibp", "cb_form": "asinh"},
-    {"metric": "combined"},
+    {"metric": "combined", "cb_method": "ibp"},
 ])
 def test_alpha_gradient_of_each_metric_is_nonzero_and_finite(data, settings):
     strat = _dsrna(data, **settings)
@@ -214,9 +215,46 @@ def test_alpha_gradient_of_each_metric_is_nonzero_and_finite(data, settings):
     assert all(a.grad is None for a in strat.alphas)
 
 
+def test_default_certified_bound_is_sound_and_far_tighter_than_intervals(data):
+    """The default cb metric (CROWN with CROWN intermediate bounds) on a supernet at the search eps: below
+    the margin a PGD attack finds, above the interval bound (the old default) and CROWN-IBP's, with a
+    finite nonzero alpha gradient."""
+    strat = _dsrna(data, metric="cb", C=2, eps=0.1)
+    assert strat.cfg.cb_method == "crown" and strat.cfg.cb_n == 1
+    x, y = data.val.x[:3], data.val.y[:3]
+    r, _ = strat.metric(strat.net, x, y)
+    grads = torch.autograd.grad(r, strat.alphas)
+    for g in grads:
+        assert bool(torch.isfinite(g).all()) and g.abs().sum() > 0
+    net = strat.net.eval()
+    with torch.no_grad():
+        ibp = margin_lower_bound(net, x[:1], y[:1], 0.1, "ibp")
+        crown_ibp = margin_lower_bound(net, x[:1], y[:1], 0.1, "crown-ibp")
+    assert r.item() > crown_ibp.item() > ibp.item()
+    x_adv = pgd(net, x[:1], y[:1], 0.1, steps=50, loss="margin", generator=torch.Generator().manual_seed(0))
+    assert r.item() <= _margins(net, x_adv, y[:1]).item() + 1e-5
+
+
+def test_crown_window_trades_tightness_for_cost(data):
+    net = _supernet(data)
+    x, y = data.val.x[:1], data.val.y[:1]
+    with torch.no_grad():
+        narrow = margin_lower_bound(net, x, y, 1e-3, "crown", window=5)
+        wide = margin_lower_bound(net, x, y, 1e-3, "crown", window=40)
+        crown_ibp = margin_lower_bound(net, x, y, 1e-3, "crown-ibp")
+    clean = _margins(net, x, y).item()
+    assert crown_ibp.item() < narrow.item() < clean and crown_ibp.item() < wide.item() < clean
+
+
+def test_each_metric_can_have_its_own_gamma(data):
+    strat = _dsrna(data, metric="combined", cb_method="ibp", gamma=0.5, gamma_cb=0.25)
+    parts = {"metric_jacobian": torch.tensor(2.0), "metric_cb": torch.tensor(-8.0)}
+    assert strat.weighted_metric(parts).item() == 0.5 * 2.0 + 0.25 * -8.0
+
+
 def test_alpha_step_descends_val_loss_minus_gamma_times_the_metric(data):
     """The gradient the alpha optimizer gets is d(CE_val - gamma * R)/d alpha, taken here by hand."""
-    strat = _dsrna(data, metric="combined", gamma=0.5, metric_n=5)
+    strat = _dsrna(data, metric="combined", gamma=0.5, metric_n=5, cb_method="ibp", cb_n=None)
     x, y = data.train.x, data.train.y
     batch = SearchBatch(x[:16], y[:16], x[:16], x[16:32], y[16:32], 0.025, 0, 0)
     torch.manual_seed(0)
@@ -236,7 +274,7 @@ def test_alpha_step_descends_val_loss_minus_gamma_times_the_metric(data):
 
 
 def test_alpha_steps_on_the_metric_alone_raise_it(data):
-    strat = _dsrna(data, metric="cb", gamma=1e4, alpha_lr=0.02, alpha_weight_decay=0.0)
+    strat = _dsrna(data, metric="cb", cb_method="ibp", cb_n=None, gamma=1e4, alpha_lr=0.02, alpha_weight_decay=0.0)
     x, y = data.train.x, data.train.y
     batch = SearchBatch(x[:16], y[:16], x[:16], x[16:24], y[16:24], 0.025, 0, 0)
     strat.net.eval()  # fixed BatchNorm statistics: only the alphas change R
@@ -248,7 +286,7 @@ def test_alpha_steps_on_the_metric_alone_raise_it(data):
 
 
 def test_weight_regularisation_starts_after_its_warmup(data):
-    strat = _dsrna(data, metric="cb", weight_reg=1e-2, weight_reg_start=1)
+    strat = _dsrna(data, metric="cb", cb_method="ibp", weight_reg=1e-2, weight_reg_start=1)
     x, y = data.train.x[:8], data.train.y[:8]
     strat.net.eval()
     strat._epoch = 0
@@ -276,7 +314,8 @@ def test_settings_are_checked(data):
 # ------------------------------------------------------------------------------------------- the search
 def test_killed_and_resumed_search_equals_an_uninterrupted_one(data, tmp_path):
     # combined metric with random projections and PC-DARTS: every random and stateful part is exercised
-    settings = {**TINY, "metric": "combined", "partial_channels_k": 2, "max_batches_per_epoch": 1, "metric_n": 4}
+    settings = {**TINY, "metric": "combined", "cb_method": "ibp", "partial_channels_k": 2, "max_batches_per_epoch": 1,
+                "metric_n": 4}
 
     def ctx(out, **kw):
         return SearchContext(data=data, eps=0.03, seed=5, out_dir=out, progress=False, **kw)

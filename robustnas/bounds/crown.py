@@ -15,6 +15,8 @@ is coarser than a full linear relaxation of max.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -31,8 +33,12 @@ def _dot(a: Tensor, t: Tensor) -> Tensor:
     return (a * t.unsqueeze(1)).flatten(2).sum(2)
 
 
-def backward_lower(graph: BoundGraph, start: int, spec: Tensor) -> Tensor:
-    """Lower bound (N, S) of spec . value(start) over the input box; spec has shape (N, S, *value_shape)."""
+def backward_lower(graph: BoundGraph, start: int, spec: Tensor, stop: int = 0) -> Tensor:
+    """Lower bound (N, S) of spec . value(start) over the input box; spec has shape (N, S, *value_shape).
+
+    Values before index `stop` are not expanded: their coefficients are concretized over their intervals
+    (sound, as every interval holds; cheaper and looser than walking back to the input).
+    """
     steps = graph.steps
     coeffs: dict[int, Tensor] = {start: spec}
     lower = spec.new_zeros(spec.shape[:2])
@@ -45,13 +51,15 @@ def backward_lower(graph: BoundGraph, start: int, spec: Tensor) -> Tensor:
         if a is None:
             continue
         step = steps[i]
-        if step.kind == "input":
+        if step.kind == "input" or i < stop:
             lower = lower + _dot(a.clamp(min=0), step.lo) + _dot(a.clamp(max=0), step.hi)
         elif step.kind == "linear":
             bias, vjp_fn = graph.vjp(i)
             if bias is not None:
                 lower = lower + _dot(a, bias)
-            if vjp_fn is None:  # elementwise: A times the factor of each input
+            if step.transpose is not None:
+                push(step.inputs[0], step.transpose(a.flatten(0, 1)).view(*a.shape[:2], *steps[step.inputs[0]].lo.shape[1:]))
+            elif vjp_fn is None:  # elementwise: A times the factor of each input
                 for j, s in zip(step.inputs, step.scales):
                     if isinstance(s, Tensor):
                         push(j, a * (s.unsqueeze(1) if s.dim() == a.dim() - 1 else s))
@@ -122,7 +130,7 @@ def _maxpool_backward(a: Tensor, pre: Step, pool: dict) -> tuple[Tensor, Tensor]
     return a_in.view(n, s, c, h, w), bias
 
 
-def tighten(graph: BoundGraph, index: int, only_unstable: bool) -> None:
+def tighten(graph: BoundGraph, index: int, only_unstable: bool, window: Optional[int] = None) -> None:
     """Replace the interval of value `index` by its intersection with the CROWN bounds (intermediate bounds).
 
     With `only_unstable`, only neurons whose interval straddles 0 are bounded (the others' ReLU is exact).
@@ -145,7 +153,7 @@ def tighten(graph: BoundGraph, index: int, only_unstable: bool) -> None:
     for part in idx.split(ROWS_PER_PASS, dim=1):
         eye = lo.new_zeros(n, part.shape[1], m).scatter_(2, part.unsqueeze(2), 1.0)
         spec = torch.cat([eye, -eye], 1).view(n, 2 * part.shape[1], *step.lo.shape[1:])
-        res = backward_lower(graph, index, spec)
+        res = backward_lower(graph, index, spec, 0 if window is None else max(0, index - window))
         new_lo.append(res[:, : part.shape[1]])
         new_hi.append(-res[:, part.shape[1]:])
     lo = lo.scatter(1, idx, torch.maximum(lo.gather(1, idx), torch.cat(new_lo, 1)))

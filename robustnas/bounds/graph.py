@@ -75,6 +75,8 @@ class Step:
     fn: Optional[Callable[..., Tensor]] = None  # linear: the op as a function of its input-dependent args
     scales: Optional[list] = None  # linear and elementwise: out = sum_j scales[j] * in_j + fn(0), no vjp needed
     pool: Optional[dict] = None  # maxpool: kernel_size, stride, padding, dilation, ceil_mode
+    # linear with one input: its transpose on rows (M, *out_shape) -> (M, *in_shape), faster than a vjp
+    transpose: Optional[Callable[[Tensor], Tensor]] = None
     name: str = ""
 
 
@@ -91,12 +93,13 @@ class BoundGraph:
     def vjp(self, index: int) -> tuple[Optional[Tensor], Optional[Callable]]:
         """(fn(0), vjp of fn) for a linear step; the map is affine, so the vjp is the same at every point.
 
-        fn(0) is None where it is zero and carries no gradient; the vjp is None for elementwise steps.
+        fn(0) is None where it is zero and carries no gradient; the vjp is None for elementwise steps and
+        steps with a `transpose`.
         """
         if index not in self._vjps:
             step = self.steps[index]
             zeros = [torch.zeros_like(self.steps[j].lo) for j in step.inputs]
-            if step.scales is not None:
+            if step.scales is not None or step.transpose is not None:
                 bias, vjp_fn = step.fn(*zeros), None
             else:
                 bias, vjp_fn = torch.func.vjp(step.fn, *zeros)
@@ -390,7 +393,8 @@ class TracedModel:
         if isinstance(module, _CONV_MODULES) and type(module) in _CONV_MODULES:
             self._only_input(node, module, args, kwargs)
             return self._linear(node, g, refs, op, args, kwargs,
-                                lambda r: module._conv_forward(r, module.weight.abs(), None))
+                                lambda r: module._conv_forward(r, module.weight.abs(), None),
+                                transpose=_conv_transpose(module, g.steps[refs[0].index].lo.shape))
         if type(module) is nn.Linear:
             self._only_input(node, module, args, kwargs)
             return self._linear(node, g, refs, op, args, kwargs, lambda r: F.linear(r, module.weight.abs()))
@@ -448,7 +452,8 @@ class TracedModel:
 
     @staticmethod
     def _linear(node: fx.Node, g: BoundGraph, refs: list[Ref], op: Callable, args: tuple, kwargs: dict,
-                abs_fn: Optional[Callable[..., Tensor]], scales: Optional[list] = None) -> Ref:
+                abs_fn: Optional[Callable[..., Tensor]], scales: Optional[list] = None,
+                transpose: Optional[Callable[[Tensor], Tensor]] = None) -> Ref:
         """A step for an affine map of the Refs; `abs_fn` maps radii (None: coefficients are non-negative).
 
         `scales`: for elementwise maps, the factor of each Ref (CROWN then multiplies instead of a vjp).
@@ -471,7 +476,23 @@ class TracedModel:
             raise _unsupported(node, None, "its result is not a tensor")
         if scales is not None and not all(s.lo.shape == lo.shape for s in ins):
             scales = None  # broadcasting: leave it to the vjp
-        return g.add(Step("linear", tuple(r.index for r in refs), lo, hi, fn=fn, scales=scales, name=node.name))
+        return g.add(Step("linear", tuple(r.index for r in refs), lo, hi, fn=fn, scales=scales, transpose=transpose,
+                          name=node.name))
+
+
+def _conv_transpose(conv: nn.Module, in_shape: torch.Size) -> Optional[Callable[[Tensor], Tensor]]:
+    """The transpose of a 2d convolution without its bias, as a transposed convolution (None: not 2d, or
+    padded other than with zeros)."""
+    if type(conv) is not nn.Conv2d or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return None
+    k, s, p, d = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    out = [(in_shape[2 + i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(2)]
+    extra = tuple(in_shape[2 + i] - ((out[i] - 1) * s[i] - 2 * p[i] + d[i] * (k[i] - 1) + 1) for i in range(2))
+
+    def transpose(a: Tensor) -> Tensor:
+        return F.conv_transpose2d(a, conv.weight, None, s, p, extra, conv.groups, d)
+
+    return transpose
 
 
 def _sign(c: Any) -> Optional[int]:

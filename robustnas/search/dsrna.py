@@ -1,13 +1,16 @@
 """DSRNA (Hosseini, Yang & Xie, CVPR 2021): differentiable search of robust architectures.
 
 DARTS with a robustness metric R in the alpha objective: min_alpha L_val - gamma * R, gamma = 0.01, first
-order by default. R is one of (METHODS.md section 4):
+order by default (each metric may have its own weight: gamma_jacobian, gamma_cb). R is one of (METHODS.md
+section 4):
 
 - "jacobian": R_Jac = -(eps/K) * mean_x sum_k ||grad_x f_k(x)||_q (robustnas.jacobian), exact or by random
   projection;
 - "cb": R_CB = mean over the batch of the certified lower bound of the margin f_y - max_{j != y} f_j over
   the eps-ball, propagated through the supernet (robustnas.certify; a MixedOp's bound is the
-  softmax(alpha)-weighted sum of its ops' bounds, so the bound is differentiable in alpha);
+  softmax(alpha)-weighted sum of its ops' bounds, so the bound is differentiable in alpha); by default
+  CROWN linear bounds with CROWN intermediate bounds on the first cb_n images (interval bounds, the
+  old default, are vacuous on a deep supernet);
 - "combined": R_CB + R_Jac.
 
 Both metrics are taken in eval mode (BatchNorm with running statistics), so that each sample's bound and
@@ -34,15 +37,16 @@ from robustnas.search.supernet import SearchBatch, SupernetConfig, SupernetSearc
 from robustnas.training import epoch_seed
 
 
-def certified_bound_metric(model: nn.Module, x: Tensor, y: Tensor, eps: float, method: str = "ibp",
-                           form: Literal["margin", "asinh"] = "margin") -> Tensor:
+def certified_bound_metric(model: nn.Module, x: Tensor, y: Tensor, eps: float, method: str = "crown",
+                           form: Literal["margin", "asinh"] = "margin", window: Optional[int] = None) -> Tensor:
     """R_CB: the batch mean of the margin lower bound over the Linf eps-ball (within [0, 1]).
 
-    Differentiable in the model's parameters, a supernet's alphas included. form="asinh" averages
-    asinh(bound) instead: the same sign and order, but a bounded gradient when the bound is vacuous
-    (on a deep supernet, interval bounds are far below zero; see docs/dsrna.md).
+    Differentiable in the model's parameters, a supernet's alphas included. method "crown" takes the
+    intermediate bounds from CROWN too (walking back at most `window` graph values, None: to the input);
+    "crown-ibp" and "ibp" take them from intervals, which are vacuous on a deep supernet (docs/dsrna.md).
+    form="asinh" averages asinh(bound) instead: the same sign and order, a bounded gradient.
     """
-    bound = margin_lower_bound(model, x, y, eps, method)
+    bound = margin_lower_bound(model, x, y, eps, method, window=window if method == "crown" else None)
     if form == "asinh":
         bound = torch.asinh(bound)
     elif form != "margin":
@@ -56,12 +60,21 @@ class DsrnaConfig(SupernetConfig):
 
     metric: Literal["jacobian", "cb", "combined"] = "jacobian"
     gamma: float = Field(default=0.01, ge=0)                # 0.01
+    # per-metric weights (None: gamma); the two metrics have different scales (docs/dsrna.md)
+    gamma_jacobian: Optional[float] = Field(default=None, ge=0)
+    gamma_cb: Optional[float] = Field(default=None, ge=0)
     # Jacobian metric: "projection" (one random product per sample) or "exact" (one product per class)
     jacobian_mode: Literal["exact", "projection"] = "projection"
     projections: int = Field(default=1, ge=1)
     projection: Literal["sphere", "gaussian"] = "sphere"
-    # certified-bound metric: interval bounds (cheap) or CROWN-IBP (tighter; memory-hungry on big supernets)
-    cb_method: Literal["ibp", "crown-ibp"] = "ibp"
+    # certified-bound metric: CROWN with CROWN intermediate bounds (linear bounds as in the paper; far tighter
+    # than intervals on a supernet, and slow: docs/dsrna.md); crown-ibp and ibp take intermediate bounds from
+    # intervals (vacuous on a deep supernet)
+    cb_method: Literal["crown", "crown-ibp", "ibp"] = "crown"
+    cb_window: Optional[int] = Field(default=30, ge=1)        # crown: graph values an intermediate bound
+    #                                                            walks back (cost ~ linear in it); None: all
+    cb_n: Optional[int] = Field(default=1, ge=1)            # images the cb metric sees (None: all); CROWN's
+    #                                                         cost grows with each image's unstable neurons
     cb_eps: Optional[str] = None                            # None: the search's threat eps
     cb_form: Literal["margin", "asinh"] = "margin"          # margin: the paper's R_CB
     metric_n: Optional[int] = Field(default=None, ge=1)     # alpha-batch images the metric sees; None: all
@@ -116,15 +129,22 @@ class Dsrna(SupernetSearch):
                     model, x, self.eps, self.norm, cfg.jacobian_mode, cfg.projections, cfg.projection,
                     generator=generator, create_graph=create_graph)
             if cfg.metric in ("cb", "combined"):
+                n = cfg.cb_n or len(y)
                 with torch.set_grad_enabled(create_graph):
-                    parts["metric_cb"] = certified_bound_metric(model, x, y, self.cb_eps, cfg.cb_method, cfg.cb_form)
+                    parts["metric_cb"] = certified_bound_metric(model, x[:n], y[:n], self.cb_eps, cfg.cb_method,
+                                                                cfg.cb_form, cfg.cb_window)
         r = sum(parts.values())
         if not create_graph:
             r, parts = r.detach(), {k: v.detach() for k, v in parts.items()}
         return r, parts
 
+    def weighted_metric(self, parts: dict[str, Tensor]) -> Tensor:
+        """sum over the metrics of gamma_<metric> * R_<metric> (gamma where a metric's own is not set)."""
+        g = {"metric_jacobian": self.cfg.gamma_jacobian, "metric_cb": self.cfg.gamma_cb}
+        return sum((self.cfg.gamma if g[k] is None else g[k]) * v for k, v in parts.items())
+
     def alpha_step(self, batch: SearchBatch) -> dict[str, Any]:
-        """Descend L_val - gamma * R in the alphas (first or second order, through `hypergradients`)."""
+        """Descend L_val - sum gamma_m * R_m in the alphas (first or second order, through `hypergradients`)."""
         n = self.cfg.metric_n or len(batch.y_a)
         x_m, y_m = batch.x_a[:n], batch.y_a[:n]
         figures: dict[str, Tensor] = {}
@@ -133,7 +153,7 @@ class Dsrna(SupernetSearch):
             ce = F.cross_entropy(m(batch.x_a), batch.y_a)
             r, parts = self.metric(m, x_m, y_m)
             figures.update({"ce_val": ce.detach(), "metric": r.detach(), **{k: v.detach() for k, v in parts.items()}})
-            return ce - self.cfg.gamma * r
+            return ce - self.weighted_metric(parts)
 
         (grad,), (value,) = self.hypergradients(batch, loss)
         self.apply_alpha_gradient(grad)
@@ -153,7 +173,7 @@ class Dsrna(SupernetSearch):
         return self.cfg.weight_reg > 0 and self._epoch >= self.cfg.weight_reg_start
 
     def weight_loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """L_train, minus weight_reg * R once the weight regularisation is on."""
+        """L_train, minus weight_reg * R once the weight regularisation is on (R unweighted by the gammas)."""
         loss, logits = super().weight_loss(model, x, y)
         if self.weight_reg_on():
             r, _ = self.metric(model, x, y)
