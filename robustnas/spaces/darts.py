@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustnas.errors import UserError
-from robustnas.models.base import Normalize
+from robustnas.models.base import Normalize, fast_layout
 from robustnas.ops import OPS, FactorizedReduce, ReLUConvBN, drop_path
 
 PRIMITIVES: list[str] = [
@@ -480,7 +480,7 @@ class SuperNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = {name: F.softmax(getattr(self, f"alpha_{name}"), dim=-1) * getattr(self, f"mask_{name}")
                    for name in self.alpha_names}
-        s0 = s1 = self.stem(x)
+        s0 = s1 = fast_layout(self.stem(x), self.stem[0])
         for cell, kind in zip(self.cells, self.cell_kinds):
             s0, s1 = s1, cell(s0, s1, weights[kind])
         out = self.global_pooling(s1)
@@ -609,7 +609,7 @@ class Network(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         with_aux = self.auxiliary and self.training
         aux = None
-        s0 = s1 = self.stem(x)
+        s0 = s1 = fast_layout(self.stem(x), self.stem[0])
         for i, cell in enumerate(self.cells):
             s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
             if with_aux and i == self._aux_position:
