@@ -10,8 +10,12 @@ FLOPs are torch's FlopCounterMode count (convs and matmuls, forward and backward
 the workload run once in its eager NCHW form; every variant of a workload is credited with those same
 FLOPs, so a variant that does more arithmetic (a fused conv) gains nothing from it. Variants of one
 workload run interleaved in rounds in this process (A, B, A, B, ...) and each figure is the best round,
-so that load on the machine hits them alike. Variants: `nchw` (channels_last off: the old default),
-`default` (what the code does now), and for attacks `bnfold` (default + models.fast.fold_bn).
+so that load on the machine hits them alike. Variants: `old` (the code before issue 16: NCHW
+activations, one ReLU per op), `default` (what the code does now: channels_last on CPU, one ReLU per
+cell state or MixedOp input) and for attacks `bnfold` (default + models.fast.fold_bn).
+`speedup <name>` is default / old; `cnn_ratio <name>` is a family's GFLOP/s over the CNN's.
+
+Run from the repository root: python -m benchmarks.bench_nets [--quick] [--compile]
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from robustnas.models.fast import compile_model, fold_bn
 from robustnas.search import SearchContext, build_strategy
 from robustnas.search.lrnas import SubsetAccuracy
 from robustnas.size import count_flops, count_flops_of, count_params
+from robustnas.spaces.darts import Cell, MixedOp
 
 EPS = 0.1
 
@@ -65,6 +70,12 @@ def conv_peak(device: torch.device, rounds: int) -> float:
                 for _ in range(rounds):
                     best = max(best, flops / best_time(lambda: cf(xf), device, 3) / 1e9)
     return best
+
+
+def old_code(model, old: bool) -> None:
+    """Switch `model` between the code before issue 16 (NCHW, one ReLU per op) and now."""
+    set_channels_last(model, not old)
+    MixedOp.share_relu = Cell.share_relu = not old
 
 
 def at_step(model, x, y, steps):
@@ -130,7 +141,7 @@ def main() -> None:
         size = dict(reduction_layers=[0, 2])
         arnas = build_network("arnas_cifar10", 8, 5, m.num_classes, m.shape, m.mean, m.std, **size).to(dev)
         darts = build_network("darts_v2", 8, 5, m.num_classes, m.shape, m.mean, m.std, **size).to(dev)
-        cnn = build_model("cnn", m.num_classes, m.shape, m.mean, m.std, params=count_params(arnas)).to(dev)
+        cnn = build_model("cnn", m.num_classes, m.shape, m.mean, m.std, params=count_params(darts)).to(dev)
         from robustnas.spaces.tiny import TinySpace
         tiny_geno = TinySpace().decode(TinySpace().sample(np.random.default_rng(0)))
         tiny = build_network(tiny_geno, None, None, m.num_classes, m.shape, m.mean, m.std).to(dev)
@@ -151,25 +162,25 @@ def main() -> None:
         if only and name not in only:
             continue
         print(f"# {name}: {count_params(net)} params, {count_flops(net, tuple(m.shape)) / 1e6:.2f} MFLOP forward/image")
-        set_channels_last(net, False)
+        old_code(net, True)
         f_at = count_flops_of(lambda: at_step(net, x, y, args.steps))
         f_att = count_flops_of(lambda: attack(net, x, y, args.attack_steps))
 
-        def with_layout(on, fn, model=net):
+        def variant(old, fn, model=net):
             def run():
-                set_channels_last(model, on)
+                old_code(model, old)
                 fn()
             return run
-        at = interleaved({"nchw": with_layout(False, lambda: at_step(net, x, y, args.steps)),
-                          "default": with_layout(True, lambda: at_step(net, x, y, args.steps))}, dev, args.rounds)
+        at = interleaved({"old": variant(True, lambda: at_step(net, x, y, args.steps)),
+                          "default": variant(False, lambda: at_step(net, x, y, args.steps))}, dev, args.rounds)
         net.eval()
         folded = fold_bn(net)
-        att = interleaved({"nchw": with_layout(False, lambda: attack(net, x, y, args.attack_steps)),
-                           "default": with_layout(True, lambda: attack(net, x, y, args.attack_steps)),
-                           "bnfold": with_layout(True, lambda: attack(folded, x, y, args.attack_steps), folded)},
+        att = interleaved({"old": variant(True, lambda: attack(net, x, y, args.attack_steps)),
+                           "default": variant(False, lambda: attack(net, x, y, args.attack_steps)),
+                           "bnfold": variant(False, lambda: attack(folded, x, y, args.attack_steps), folded)},
                           dev, args.rounds)
         results[name] = {"at": report(name, "AT", f_at, at, B), "attack": report(name, "att", f_att, att, B)}
-        set_channels_last(net, True)
+        old_code(net, False)
         if args.compile:
             compiled, secs, err = compile_model(net, lambda mdl: at_step(mdl, x, y, args.steps))
             if err:
@@ -186,10 +197,10 @@ def main() -> None:
         xs, ys, xa, ya = x[:32], y[:32], x2[:32], y2[:32]
         step = lambda: strat.search_step(xs, ys, xa, ya, lr=0.025)  # noqa: E731
         print(f"# supernet: DARTS search step, C=4, 5 cells, batch 32+32, PGD-2 weight examples")
-        set_channels_last(strat.net, False)
+        old_code(strat.net, True)
         flops = count_flops_of(step)
-        secs = interleaved({"nchw": lambda: (set_channels_last(strat.net, False), step()),
-                            "default": lambda: (set_channels_last(strat.net, True), step())}, dev, args.rounds)
+        secs = interleaved({"old": lambda: (old_code(strat.net, True), step()),
+                            "default": lambda: (old_code(strat.net, False), step())}, dev, args.rounds)
         results["supernet"] = {"at": report("supernet", "step", flops, secs, 32)}
 
     if not only or "lrnas" in only:
@@ -201,21 +212,21 @@ def main() -> None:
         n_players = sum(a.numel() for a in net.alphas().values())
         active = torch.rand(G, n_players, generator=gen) > 0.3
         print(f"# lrnas: {G} op subsets of the supernet (C=8, 5 cells, k=4), clean + FGSM on 64 images each")
-        set_channels_last(net, False)
+        old_code(net, True)
 
         def evaluate():
             SubsetAccuracy(net, xb, yb, EPS)(active)
         flops = count_flops_of(evaluate)
-        secs = interleaved({"nchw": lambda: (set_channels_last(net, False), evaluate()),
-                            "default": lambda: (set_channels_last(net, True), evaluate())}, dev, args.rounds)
+        secs = interleaved({"old": lambda: (old_code(net, True), evaluate()),
+                            "default": lambda: (old_code(net, False), evaluate())}, dev, args.rounds)
         results["lrnas"] = {"at": report("lrnas", "eval", flops, secs, G * 2 * len(yb))}
 
     print()
     cnn = results.get("cnn", {}).get("at", {}).get("default")
     for name, r in results.items():
         gf = r["at"]["default"]
-        line = f"speedup {name} {gf / r['at']['nchw']:.2f}"
-        print(line + (f"  (attack, bnfold {r['attack']['bnfold'] / r['attack']['nchw']:.2f})" if "attack" in r else ""))
+        line = f"speedup {name} {gf / r['at']['old']:.2f}"
+        print(line + (f"  (attack, bnfold {r['attack']['bnfold'] / r['attack']['old']:.2f})" if "attack" in r else ""))
         if cnn and name in ("darts", "arnas", "tiny"):
             print(f"cnn_ratio {name} {gf / cnn:.2f}")
     for name, r in results.items():

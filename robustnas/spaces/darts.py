@@ -27,7 +27,7 @@ from torch import nn
 
 from robustnas.errors import UserError
 from robustnas.models.base import Normalize, fast_layout
-from robustnas.ops import OPS, FactorizedReduce, ReLUConvBN, drop_path
+from robustnas.ops import OPS, FactorizedReduce, ReLUConvBN, drop_path, starts_with_relu
 
 PRIMITIVES: list[str] = [
     "none",
@@ -288,7 +288,10 @@ class MixedOp(nn.Module):
 
     With partial_channels_k = k > 1 (PC-DARTS) only the first C/k channels go through the ops; the
     rest bypass them (max-pooled when stride is 2) and a channel shuffle mixes the two parts.
+    The conv ops share one ReLU of x (`share_relu`, class attribute: same values, less memory traffic).
     """
+
+    share_relu = True
 
     def __init__(self, C: int, stride: int, primitives: Sequence[str] = PRIMITIVES, partial_channels_k: int = 1):
         super().__init__()
@@ -305,12 +308,15 @@ class MixedOp(nn.Module):
             if "pool" in name:  # as in DARTS: pools get a parameter-free BN to match the conv ops' scale
                 op = nn.Sequential(op, nn.BatchNorm2d(C_op, affine=False))
             self.ops.append(op)
+        self.relu_first = [starts_with_relu(op) for op in self.ops]
         self.bypass_pool = nn.MaxPool2d(2, 2) if (self.k > 1 and stride == 2) else None
 
     def weighted_sum(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        out = weights[0] * self.ops[0](x)
-        for i in range(1, len(self.ops)):
-            out = out + weights[i] * self.ops[i](x)
+        relu = torch.relu(x) if self.share_relu and any(self.relu_first) else None
+        out = None
+        for i, op in enumerate(self.ops):
+            h = op.after_relu(relu) if relu is not None and self.relu_first[i] else op(x)
+            out = weights[i] * h if out is None else out + weights[i] * h
         return out
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -500,7 +506,11 @@ class SuperNet(nn.Module):
 
 
 class Cell(nn.Module):
-    """A final-network cell: node i = op(state a) + op(state b) for its two genotype pairs."""
+    """A final-network cell: node i = op(state a) + op(state b) for its two genotype pairs.
+
+    The conv ops reading one state share one ReLU of it (`share_relu`, class attribute; same values)."""
+
+    share_relu = True
 
     def __init__(self, ops: Sequence[Pair], concat: Sequence[int], C_prev_prev: int, C_prev: int, C: int,
                  reduction: bool, reduction_prev: bool):
@@ -520,10 +530,17 @@ class Cell(nn.Module):
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float = 0.0) -> torch.Tensor:
         states = [self.preprocess0(s0), self.preprocess1(s1)]
+        relu: dict[int, torch.Tensor] = {}  # shared ReLU per state
         for node in range(self.steps):
             branches = []
             for k in (2 * node, 2 * node + 1):
-                h = self.ops[k](states[self.indices[k]])
+                j = self.indices[k]
+                if self.share_relu and starts_with_relu(self.ops[k]):
+                    if j not in relu:
+                        relu[j] = torch.relu(states[j])
+                    h = self.ops[k].after_relu(relu[j])
+                else:
+                    h = self.ops[k](states[j])
                 if self.training and drop_prob > 0.0 and not self.is_identity[k]:
                     h = drop_path(h, drop_prob)
                 branches.append(h)
