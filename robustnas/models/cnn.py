@@ -35,6 +35,9 @@ class SmallCNN(nn.Module):
         self.classifier = nn.Linear(c_in, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = fast_layout(self.features[0](self.normalize(x)), self.normalize)
-        out = self.features[1:](out)
+        out = self.normalize(x)
+        for i, layer in enumerate(self.features):
+            out = layer(out)
+            if i == 0:  # a 1-channel input has no channels_last form: set the layout after the first conv
+                out = fast_layout(out, self.normalize)
         return self.classifier(self.flatten(self.pool(out)))

@@ -308,14 +308,18 @@ class MixedOp(nn.Module):
             if "pool" in name:  # as in DARTS: pools get a parameter-free BN to match the conv ops' scale
                 op = nn.Sequential(op, nn.BatchNorm2d(C_op, affine=False))
             self.ops.append(op)
-        self.relu_first = [starts_with_relu(op) for op in self.ops]
         self.bypass_pool = nn.MaxPool2d(2, 2) if (self.k > 1 and stride == 2) else None
 
     def weighted_sum(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        relu = torch.relu(x) if self.share_relu and any(self.relu_first) else None
+        relu = None  # ops may be swapped after construction (tests, masking code): look at them each call
         out = None
         for i, op in enumerate(self.ops):
-            h = op.after_relu(relu) if relu is not None and self.relu_first[i] else op(x)
+            if self.share_relu and starts_with_relu(op):
+                if relu is None:
+                    relu = torch.relu(x)
+                h = op.after_relu(relu)
+            else:
+                h = op(x)
             out = weights[i] * h if out is None else out + weights[i] * h
         return out
 
