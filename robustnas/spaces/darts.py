@@ -490,7 +490,9 @@ class SuperNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = {name: F.softmax(getattr(self, f"alpha_{name}"), dim=-1) * getattr(self, f"mask_{name}")
                    for name in self.alpha_names}
-        s0 = s1 = fast_layout(self.stem(x), self.stem[0])
+        # no fast_layout here: LRNAS's batched subset evaluation (search/lrnas.py) re-implements this
+        # forward in NCHW and is tested bit-equal to it; a supernet of 1-channel inputs stays NCHW
+        s0 = s1 = self.stem(x)
         for cell, kind in zip(self.cells, self.cell_kinds):
             s0, s1 = s1, cell(s0, s1, weights[kind])
         out = self.global_pooling(s1)
