@@ -112,6 +112,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--only", default="", help="comma-separated subset of cnn,darts,arnas,tiny,supernet,lrnas")
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of each AT step (old, default)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compiling)")
     ap.add_argument("--quick", action="store_true", help="batch 64, 2 rounds: a few minutes on 2 idle cores")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -180,6 +181,13 @@ def main() -> None:
                            "bnfold": variant(False, lambda: attack(folded, x, y, args.attack_steps), folded)},
                           dev, args.rounds)
         results[name] = {"at": report(name, "AT", f_at, at, B), "attack": report(name, "att", f_att, att, B)}
+        if args.profile:
+            for old in (True, False):
+                old_code(net, old)
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                    at_step(net, x, y, args.steps)
+                print(f"{name} AT step, {'old' if old else 'default'} code: top ops by self CPU time")
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
         old_code(net, False)
         if args.compile:
             compiled, secs, err = compile_model(net, lambda mdl: at_step(mdl, x, y, args.steps))
