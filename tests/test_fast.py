@@ -150,3 +150,13 @@ def test_shared_relu_keeps_outputs_and_gradients(name):
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-5)
+
+
+def test_count_flops_of_counts_a_depthwise_conv_backward_like_its_forward():
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+    x = torch.rand(2, 16, 8, 8, requires_grad=True)
+    fwd = count_flops_of(lambda: conv(x))
+    assert fwd == 2 * 2 * 16 * 8 * 8 * 9
+    assert count_flops_of(lambda: conv(x).sum().backward()) == 3 * fwd  # grad_input and grad_weight
+    x.requires_grad_(False)
+    assert count_flops_of(lambda: conv(x).sum().backward()) == 2 * fwd  # grad_weight only
