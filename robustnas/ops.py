@@ -38,6 +38,10 @@ class DilConv(nn.Sequential):
             nn.BatchNorm2d(C_out, affine=affine),
         )
 
+    def after_relu(self, x: torch.Tensor) -> torch.Tensor:
+        """The op on an input that already went through its ReLU (one ReLU shared by several ops)."""
+        return self[3](self[2](self[1](x)))
+
 
 class SepConv(nn.Sequential):
     """Two stacked separable convs (the first carries the stride), as in DARTS."""
@@ -47,6 +51,14 @@ class SepConv(nn.Sequential):
             DilConv(C_in, C_in, kernel_size, stride, padding, 1, affine=affine),
             DilConv(C_in, C_out, kernel_size, 1, padding, 1, affine=affine),
         )
+
+    def after_relu(self, x: torch.Tensor) -> torch.Tensor:
+        return self[1](self[0].after_relu(x))
+
+
+def starts_with_relu(op: nn.Module) -> bool:
+    """Whether `op` is ReLU -> rest with an `after_relu(x)` that runs the rest (DilConv, SepConv)."""
+    return isinstance(op, (DilConv, SepConv))
 
 
 class Zero(nn.Module):

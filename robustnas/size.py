@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -42,6 +43,24 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     with counter:
         model(x)
     model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                         _output_padding, _groups, output_mask, out_shape=None, **kw) -> int:
+    """A conv's backward: each of grad_input and grad_weight costs what its forward costs. torch's own
+    formula ignores `groups` for grad_weight and counts a depthwise conv's weight gradient C times."""
+    spatial = grad_out_shape if not transposed else x_shape
+    fwd = 2 * spatial[0] * w_shape[0] * math.prod(spatial[2:]) * math.prod(w_shape[1:])
+    return fwd * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def count_flops_of(fn) -> int:
+    """FLOPs of everything fn() runs, forward and backward (FlopCounterMode: convs and matmuls; conv
+    backward counted with groups, see _conv_backward_flops)."""
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: _conv_backward_flops})
+    with counter:
+        fn()
     return int(counter.get_total_flops())
 
 

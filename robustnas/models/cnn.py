@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from robustnas.models.base import Normalize
+from robustnas.models.base import Normalize, fast_layout
 from robustnas.models.common import check_args, conv_pool_stack, make_config
 
 # Channels per conv, "M" is a 2x2 max-pool; two pools keep 28x28 inputs at >= 7x7 before the head.
@@ -35,5 +35,9 @@ class SmallCNN(nn.Module):
         self.classifier = nn.Linear(c_in, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.features(self.normalize(x))
+        out = self.normalize(x)
+        for i, layer in enumerate(self.features):
+            out = layer(out)
+            if i == 0:  # a 1-channel input has no channels_last form: set the layout after the first conv
+                out = fast_layout(out, self.normalize)
         return self.classifier(self.flatten(self.pool(out)))

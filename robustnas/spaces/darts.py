@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustnas.errors import UserError
-from robustnas.models.base import Normalize
-from robustnas.ops import OPS, FactorizedReduce, ReLUConvBN, drop_path
+from robustnas.models.base import Normalize, fast_layout
+from robustnas.ops import OPS, FactorizedReduce, ReLUConvBN, drop_path, starts_with_relu
 
 PRIMITIVES: list[str] = [
     "none",
@@ -288,7 +288,10 @@ class MixedOp(nn.Module):
 
     With partial_channels_k = k > 1 (PC-DARTS) only the first C/k channels go through the ops; the
     rest bypass them (max-pooled when stride is 2) and a channel shuffle mixes the two parts.
+    The conv ops share one ReLU of x (`share_relu`, class attribute: same values, less memory traffic).
     """
+
+    share_relu = True
 
     def __init__(self, C: int, stride: int, primitives: Sequence[str] = PRIMITIVES, partial_channels_k: int = 1):
         super().__init__()
@@ -308,9 +311,16 @@ class MixedOp(nn.Module):
         self.bypass_pool = nn.MaxPool2d(2, 2) if (self.k > 1 and stride == 2) else None
 
     def weighted_sum(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        out = weights[0] * self.ops[0](x)
-        for i in range(1, len(self.ops)):
-            out = out + weights[i] * self.ops[i](x)
+        relu = None  # ops may be swapped after construction (tests, masking code): look at them each call
+        out = None
+        for i, op in enumerate(self.ops):
+            if self.share_relu and starts_with_relu(op):
+                if relu is None:
+                    relu = torch.relu(x)
+                h = op.after_relu(relu)
+            else:
+                h = op(x)
+            out = weights[i] * h if out is None else out + weights[i] * h
         return out
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -480,6 +490,8 @@ class SuperNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = {name: F.softmax(getattr(self, f"alpha_{name}"), dim=-1) * getattr(self, f"mask_{name}")
                    for name in self.alpha_names}
+        # no fast_layout here: LRNAS's batched subset evaluation (search/lrnas.py) re-implements this
+        # forward in NCHW and is tested bit-equal to it; a supernet of 1-channel inputs stays NCHW
         s0 = s1 = self.stem(x)
         for cell, kind in zip(self.cells, self.cell_kinds):
             s0, s1 = s1, cell(s0, s1, weights[kind])
@@ -500,7 +512,11 @@ class SuperNet(nn.Module):
 
 
 class Cell(nn.Module):
-    """A final-network cell: node i = op(state a) + op(state b) for its two genotype pairs."""
+    """A final-network cell: node i = op(state a) + op(state b) for its two genotype pairs.
+
+    The conv ops reading one state share one ReLU of it (`share_relu`, class attribute; same values)."""
+
+    share_relu = True
 
     def __init__(self, ops: Sequence[Pair], concat: Sequence[int], C_prev_prev: int, C_prev: int, C: int,
                  reduction: bool, reduction_prev: bool):
@@ -520,10 +536,17 @@ class Cell(nn.Module):
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float = 0.0) -> torch.Tensor:
         states = [self.preprocess0(s0), self.preprocess1(s1)]
+        relu: dict[int, torch.Tensor] = {}  # shared ReLU per state
         for node in range(self.steps):
             branches = []
             for k in (2 * node, 2 * node + 1):
-                h = self.ops[k](states[self.indices[k]])
+                j = self.indices[k]
+                if self.share_relu and starts_with_relu(self.ops[k]):
+                    if j not in relu:
+                        relu[j] = torch.relu(states[j])
+                    h = self.ops[k].after_relu(relu[j])
+                else:
+                    h = self.ops[k](states[j])
                 if self.training and drop_prob > 0.0 and not self.is_identity[k]:
                     h = drop_path(h, drop_prob)
                 branches.append(h)
@@ -609,7 +632,7 @@ class Network(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         with_aux = self.auxiliary and self.training
         aux = None
-        s0 = s1 = self.stem(x)
+        s0 = s1 = fast_layout(self.stem(x), self.stem[0])
         for i, cell in enumerate(self.cells):
             s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
             if with_aux and i == self._aux_position:
