@@ -27,9 +27,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 
 from robustnas.analysis import hrs
-from robustnas.attacks import (PYAUTOATTACK_ATTACKS, AutoAttackResult, attack_names, autoattack_static_checks,
-                               ce_loss, eval_mode, get_attack, margin_loss, run_autoattack,
-                               transfer_from as bind_transfer)
+from robustnas.attacks import (AA_RANK_TARGETS, AA_RANK_TITLE, PYAUTOATTACK_ATTACKS, AutoAttackResult,
+                               attack_names, autoattack_static_checks, ce_loss, eval_mode, get_attack,
+                               margin_loss, run_autoattack, transfer_from as bind_transfer)
 from robustnas.config import format_eps, load_yaml, parse_eps
 from robustnas.errors import UserError
 from robustnas.size import count_flops, count_params
@@ -164,7 +164,8 @@ class AttackRunner:
 
     def _run_pyautoattack(self, name: str, x: Tensor, y: Tensor, eps: float, label: str,
                           options: dict) -> Tensor:
-        components = ["apgd-ce", "apgd-t", "fab-t", "square"] if name == "autoattack" else [name]
+        components = {"autoattack": ["apgd-ce", "apgd-t", "fab-t", "square"],
+                      "aa-rank": ["apgd-ce", "apgd-t"]}.get(name, [name])
         task = self.bar.add_task(label, total=len(components), info="")
 
         def on_message(msg: str) -> None:
@@ -174,7 +175,11 @@ class AttackRunner:
                 self.bar.advance(task)
                 self.bar.update(task, info=msg[len("robust accuracy after "):].split(" (")[0])
 
-        if name != "autoattack":  # one component alone: square, apgd-ce, apgd-t
+        if name == "aa-rank":  # AutoAttack-rank: APGD-CE + APGD-T on fewer targets, not standard AA
+            options = {"n_target_classes": AA_RANK_TARGETS, **options}
+            result = run_autoattack(self.model, x, y, eps, self.norm, version="custom", attacks=components,
+                                    seed=self.seed, batch_size=self.batch_size, on_message=on_message, **options)
+        elif name != "autoattack":  # one component alone: square, apgd-ce, apgd-t
             result = run_autoattack(self.model, x, y, eps, self.norm, version="custom",
                                     attacks=[name], seed=self.seed, batch_size=self.batch_size,
                                     on_message=on_message, **options)
@@ -437,6 +442,12 @@ def evaluate_model(
         metrics["autoattack_acc"] = acc["autoattack"]
         res = runner.aa_results["autoattack"]
         metrics["autoattack"] = {"version": "standard", "components": res.components, "flags": res.warnings}
+    if "aa-rank" in runner.aa_results:  # kept apart from autoattack_acc: never the standard version
+        res = runner.aa_results["aa-rank"]
+        metrics["aa_rank"] = {"title": AA_RANK_TITLE, "version": "custom (apgd-ce, apgd-t)",
+                              "n_target_classes": runner.options.get("aa-rank", {}).get(
+                                  "n_target_classes", AA_RANK_TARGETS),
+                              "components": res.components, "flags": res.warnings}
     metrics["hrs"] = hrs(clean, robust[r_name])
     metrics["hrs_robust_from"] = r_name
 
