@@ -98,7 +98,7 @@ def _csv(text: Optional[str]) -> Optional[list[str]]:
 def evaluate(
     run_dir: str = typer.Argument(..., help="a run directory written by train or run"),
     attacks: str = typer.Option("fgsm,pgd20,autoattack",
-                                help="comma list: fgsm, pgd20, pgd100, pgdK, cw, autoattack, square, transfer"),
+                                help="comma list: fgsm, pgd20, pgd100, pgdK, cw, autoattack (standard), aa-rank (cheaper, for ranking only), square, transfer"),
     eps: Optional[str] = typer.Option(None, help="attack radius (default: the run's)"),
     n: int = typer.Option(1000, help="number of test images"),
     batch_size: int = typer.Option(256),

@@ -10,6 +10,7 @@ from typing import Any, Optional
 from robustnas.rundir import atomic_write_text
 
 ATTACK_TITLES = {"fgsm": "FGSM", "cw": "CW (PGD-20 on the margin)", "autoattack": "AutoAttack (standard)",
+                 "aa-rank": "AutoAttack-rank (APGD-CE + APGD-T, 3 targets; not standard AA)",
                  "square": "Square (black-box, 5000 queries)", "transfer": "Transfer (PGD-20 on a surrogate)"}
 
 
