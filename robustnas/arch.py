@@ -13,6 +13,7 @@ from torch import nn
 from robustnas.data import DatasetMeta
 from robustnas.errors import UserError
 from robustnas.size import count_params
+from robustnas.spaces import get_space, network_from_spec
 
 # sizes a genotype network gets when neither C nor a parameter budget is given (CPU-sized)
 DEFAULT_C = 16
@@ -48,8 +49,8 @@ def build_arch(arch: str, meta: DatasetMeta, params: Optional[int] = None, width
         from robustnas.genotypes import load_genotype
 
         genotype = load_genotype(arch)
-        if genotype.space == "tiny":
-            return _build_tiny(genotype, meta, params=params, width=width, C=C, layers=layers, **net_kw)
+        if get_space(genotype.space).sizes_itself:
+            return _build_fixed(genotype, meta, params=params, width=width, C=C, layers=layers, **net_kw)
         layers = layers or DEFAULT_LAYERS
         if C is None:
             C = channels_for_params(genotype, meta, layers, params, **net_kw) if params else DEFAULT_C
@@ -61,15 +62,15 @@ def build_arch(arch: str, meta: DatasetMeta, params: Optional[int] = None, width
                     f"or a path to a genotype JSON")
 
 
-def _build_tiny(genotype, meta: DatasetMeta, params=None, width=None, C=None, layers=None, **net_kw):
-    """A tiny-block genotype fixes every width and the depth: any sizing option is an error, not ignored."""
+def _build_fixed(genotype, meta: DatasetMeta, params=None, width=None, C=None, layers=None, **net_kw):
+    """A genotype that fixes every width and the depth (the tiny space): any sizing option is an error."""
     given = [k for k, v in dict(params=params, width=width, C=C, layers=layers, **net_kw).items() if v is not None]
     if given:
         raise UserError(f"a tiny-block genotype fixes its own widths and depth; drop {', '.join(given)} "
                         f"(pick a smaller or larger member of the TAM-NAS front instead)")
-    from robustnas.spaces.tiny import model_spec, network_from_spec
-
-    spec = model_spec(genotype, meta.num_classes, meta.shape, meta.mean, meta.std)
+    spec = {"kind": "genotype", "genotype": genotype.to_dict(), "num_classes": int(meta.num_classes),
+            "in_shape": [int(s) for s in meta.shape], "mean": [float(m) for m in meta.mean],
+            "std": [float(s) for s in meta.std]}
     return network_from_spec(spec), spec
 
 
@@ -105,13 +106,5 @@ def model_from_spec(spec: dict) -> nn.Module:
 
         return model_from_config(spec["config"])
     if kind == "genotype":
-        from robustnas.genotypes import build_network, genotype_from_dict
-
-        genotype = genotype_from_dict(spec["genotype"])
-        if genotype.space == "tiny":
-            from robustnas.spaces.tiny import network_from_spec
-
-            return network_from_spec(spec)
-        kw = {k: v for k, v in spec.items() if k not in ("kind", "genotype", "in_shape")}
-        return build_network(genotype, in_shape=tuple(spec["in_shape"]), **kw)
+        return network_from_spec(spec)
     raise UserError(f"model.json has unknown kind {kind!r}; expected 'handcrafted' or 'genotype'")

@@ -25,6 +25,7 @@ from robustnas.analysis import hrs, op_by_position, pareto_front
 from robustnas.config import load_yaml
 from robustnas.errors import UserError
 from robustnas.rundir import atomic_write_text, read_json, write_json
+from robustnas.spaces import get_space
 
 
 def robust_metric(metrics: dict) -> tuple[Optional[float], str]:
@@ -318,7 +319,8 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path, labels: Option
     if sequential is not None:
         paired["sequential"] = list(sequential)
     lines += paired_report(paired, plot_forest(paired, out / "plots" / "forest.png"))
-    darts = [(e["label"], e["genotype"]) for e in entries if "genotype" in e and e["genotype"].get("space") != "tiny"]
+    darts = [(e["label"], e["genotype"]) for e in entries
+             if "genotype" in e and get_space(e["genotype"].get("space") or "darts").cells]
     if darts:
         from robustnas.genotypes import genotype_from_dict
 

@@ -15,10 +15,8 @@ from typing import Any, Optional, Sequence
 from torch import nn
 
 from robustnas.errors import UserError
-from robustnas.spaces.arnas import ArnasNetwork
-from robustnas.spaces.darts import Genotype, Network
-
-_NETWORKS: dict[str, type[Network]] = {"darts": Network, "arnas": ArnasNetwork}
+from robustnas.spaces import get_space, parse_genotype
+from robustnas.spaces.darts import Genotype
 
 
 @lru_cache(maxsize=1)
@@ -32,12 +30,8 @@ def published_names() -> list[str]:
 
 
 def genotype_from_dict(data: Any):
-    """A genotype of whichever space its `space` field names: DARTS cells (darts, arnas) or tiny blocks."""
-    if isinstance(data, dict) and data.get("space") == "tiny":
-        from robustnas.spaces.tiny import TinyGenotype
-
-        return TinyGenotype.from_dict(data)
-    return Genotype.from_dict(data)
+    """A genotype of whichever space its `space` field names (the registry in spaces/)."""
+    return parse_genotype(data)
 
 
 def load_genotype(name_or_path: str | os.PathLike):
@@ -90,11 +84,4 @@ def build_network(genotype, C: Optional[int], layers: Optional[int], num_classes
     """
     if isinstance(genotype, (str, os.PathLike)):
         genotype = load_genotype(genotype)
-    if genotype.space == "tiny":
-        from robustnas.spaces.tiny import TinyNetwork
-
-        if C is not None or layers is not None or kw:
-            raise UserError("a tiny-block genotype sets its own widths and depth: drop C, layers and cell options")
-        return TinyNetwork(genotype, num_classes, in_shape, mean, std)
-    cls = _NETWORKS[genotype.space]
-    return cls(genotype, C, num_classes, layers, in_shape, mean, std, **kw)
+    return get_space(genotype.space).build_network(genotype, C, layers, num_classes, in_shape, mean, std, **kw)

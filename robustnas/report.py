@@ -337,10 +337,9 @@ def write_search_run_report(out: str | Path, cmd, result, searched: dict, baseli
         lines.append("")
     primitives = None
     if isinstance(g, Genotype):
-        from robustnas.spaces.arnas import ARNAS_PRIMITIVES
-        from robustnas.spaces.darts import PRIMITIVES
+        from robustnas.spaces import get_space
 
-        primitives = list(ARNAS_PRIMITIVES if g.space == "arnas" else PRIMITIVES)
+        primitives = list(get_space(g.space).primitives)
     p = plot_alphas(result.history, out / "plots" / "alphas.png", primitives)
     if p:
         lines += ["## Architecture weights over the search", "", f"![alphas](plots/{p.name})", ""]

@@ -35,7 +35,7 @@ from robustnas.errors import UserError
 from robustnas.genotypes import save_genotype
 from robustnas.rundir import atomic_write_text
 from robustnas.search.base import SearchContext, SearchResult, checkpoint_meta
-from robustnas.spaces.arnas import ArnasSuperNet
+from robustnas.spaces import get_space
 from robustnas.spaces.darts import SuperNet
 from robustnas.training import cosine_lr, epoch_seed, resolve_device
 
@@ -146,7 +146,7 @@ class SupernetSearch:
 
     # ================================================================================ hooks
     def build_supernet(self, meta: DatasetMeta) -> SuperNet:
-        cls = ArnasSuperNet if self.cfg.space == "arnas" else SuperNet
+        cls = get_space(self.cfg.space).supernet
         return cls(self.cfg.C, meta.num_classes, self.cfg.layers, meta.shape, meta.mean, meta.std,
                    partial_channels_k=self.cfg.partial_channels_k)
 

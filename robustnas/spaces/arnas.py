@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from robustnas.spaces.darts import PRIMITIVES, Network, SuperNet
+from robustnas.spaces.darts import PRIMITIVES, Genotype, Network, SuperNet
+from robustnas.spaces.registry import Space, register
 
 ARNAS_PRIMITIVES: list[str] = [p for p in PRIMITIVES if p != "none"]
 
@@ -62,3 +63,11 @@ class ArnasNetwork(Network):
     @staticmethod
     def _plan(layers: int, reductions: Sequence[int]) -> list[tuple[str, bool, int]]:
         return arnas_plan(layers, reductions)
+
+
+def _network(genotype, C: int, layers: int, num_classes: int, in_shape: Sequence[int], mean: Sequence[float],
+             std: Sequence[float], **kw) -> ArnasNetwork:
+    return ArnasNetwork(genotype, C, num_classes, layers, in_shape, mean, std, **kw)
+
+
+register(Space("arnas", Genotype.from_dict, _network, tuple(ARNAS_PRIMITIVES), supernet=ArnasSuperNet))

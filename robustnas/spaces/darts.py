@@ -28,6 +28,7 @@ from torch import nn
 from robustnas.errors import UserError
 from robustnas.models.base import Normalize, fast_layout
 from robustnas.ops import OPS, FactorizedReduce, ReLUConvBN, drop_path, starts_with_relu
+from robustnas.spaces.registry import Space, register
 
 PRIMITIVES: list[str] = [
     "none",
@@ -641,3 +642,11 @@ class Network(nn.Module):
         if with_aux:
             return logits, aux
         return logits
+
+
+def _network(genotype: Genotype, C: int, layers: int, num_classes: int, in_shape: Sequence[int],
+             mean: Sequence[float], std: Sequence[float], **kw) -> Network:
+    return Network(genotype, C, num_classes, layers, in_shape, mean, std, **kw)
+
+
+register(Space("darts", Genotype.from_dict, _network, tuple(PRIMITIVES), supernet=SuperNet))

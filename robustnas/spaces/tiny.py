@@ -67,6 +67,7 @@ from robustnas.errors import UserError
 from robustnas.models.base import Normalize
 from robustnas.models.common import can_downsample, conv_out
 from robustnas.size import count_params
+from robustnas.spaces.registry import Space, register
 
 # ------------------------------------------------------------------------------------------- the lists
 KERNELS = (3, 5)
@@ -652,3 +653,14 @@ def layer_frequencies(encodings: Sequence[Sequence[int]], width_mult: int = 1) -
             widths[i, x[2 * i + 1]] += 1
     return {"blocks": (blocks / n).tolist(), "widths": (widths / n).tolist(), "block_names": list(BLOCKS),
             "width_choices": [list(w) for w in space.layer_widths]}
+
+
+def _network(genotype: TinyGenotype, C: Optional[int], layers: Optional[int], num_classes: int,
+             in_shape: Sequence[int], mean: Sequence[float], std: Sequence[float], **kw: Any) -> TinyNetwork:
+    if C is not None or layers is not None or kw:
+        raise UserError("a tiny-block genotype sets its own widths and depth: drop C, layers and cell options")
+    return TinyNetwork(genotype, num_classes, in_shape, mean, std)
+
+
+# TAM-NAS trains its own slice-sharing supernet (search/tiny_supernet.py), not the DARTS loop's.
+register(Space("tiny", TinyGenotype.from_dict, _network, BLOCKS, supernet=None, sizes_itself=True, cells=False))
