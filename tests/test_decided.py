@@ -63,3 +63,28 @@ def test_search_cli_warns_when_nothing_was_decided(tmp_path):
     assert result.exit_code == 0, result.output
     assert "WARNING: the search decided nothing: alphas near uniform" in result.output
     assert json.loads((out / "decision.json").read_text())["alphas"]["near_uniform"]
+
+
+def test_random_search_reports_its_scorer_against_chance():
+    torch.set_num_threads(1)
+    data = load_data(DataConfig(dataset="digits", subset=400), seed=0)
+    settings = {"n": 1, "layers": 3, "C": 4, "train_n": 100,
+                "train": {"epochs": 1, "batch_size": 50, "adv": "none", "lr": 1e-9, "val_n": 50, "val_steps": 1,
+                          "select": "last"}}
+    result = build_strategy("random", settings).search(SearchContext(data=data, eps=0.1, progress=False))
+    d = result.decision
+    assert "alphas" not in d and d["accuracy"]["of"].startswith("proxy scorer") and d["accuracy"]["n"] == 50
+    assert d["accuracy"]["acc"] == result.history[0]["val_clean"]
+    assert not d["decided"] and "proxy scorer (chosen draw) near chance" in d["warnings"][0]
+
+
+def test_tamnas_reports_its_supernet_against_chance():
+    from tests.test_tamnas import TINY as TAM
+
+    torch.set_num_threads(1)
+    data = load_data(DataConfig(dataset="digits", subset=400), seed=0)
+    result = build_strategy("tamnas", TAM).search(SearchContext(data=data, eps=0.1, progress=False))
+    acc = result.decision["accuracy"]
+    assert acc["of"] == "supernet (largest subnet)" and acc["n"] == TAM["val_n"]
+    last = [r for r in result.history if r.get("phase") == "supernet"][-1]
+    assert acc["acc"] == last["val_clean_largest"]
