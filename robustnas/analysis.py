@@ -102,7 +102,7 @@ def search_decision(alphas: Optional[dict] = None, acc: Optional[float] = None, 
                     num_classes: int = 0, what: str = "supernet") -> dict:
     """A method-independent summary of what a search decided: the alphas' spread (DARTS-space methods) and
     the accuracy of what it scored candidates with (`what`: its supernet, a proxy) against chance, with a
-    warning line for each that says it decided nothing."""
+    warning line for each that says it decided nothing; {} when neither was measured."""
     out: dict = {"warnings": []}
     if alphas:
         spread = alpha_spread(alphas)
@@ -117,5 +117,7 @@ def search_decision(alphas: Optional[dict] = None, acc: Optional[float] = None, 
         if c["near_chance"]:
             out["warnings"].append(f"{what} near chance: validation accuracy {acc:.3f} (95% CI {c['low']:.3f}-"
                                    f"{c['high']:.3f}, n = {n}) vs chance {c['chance']:.3f} + {CHANCE_MARGIN}")
+    if "alphas" not in out and "accuracy" not in out:
+        return {}  # nothing measured: no verdict either way
     out["decided"] = not out["warnings"]
     return out

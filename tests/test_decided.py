@@ -43,6 +43,7 @@ def test_alphas_far_from_uniform_are_not_flagged():
     assert alpha_spread(uniform)["near_uniform"] and abs(alpha_spread(uniform)["entropy_ratio"] - 1) < 1e-9
     d = search_decision(far, acc=0.9, n=128, num_classes=10)
     assert d["decided"] and d["warnings"] == []
+    assert search_decision(None, acc=None) == {}
 
 
 def test_supernet_at_chance_is_flagged():
