@@ -169,6 +169,13 @@ def search(
     cmd = _run(validate, SearchCommand, deep_update(base, flags))
     result, out_dir = _run(search_run, cmd, resume=resume, progress=progress)
     console.print(f"{out_dir}/genotype.json written ({result.seconds:.0f} s)")
+    _warn_undecided(result.decision)
+
+
+def _warn_undecided(decision: Optional[dict]) -> None:
+    """A yellow line per reason the search decided nothing (analysis.search_decision)."""
+    for w in (decision or {}).get("warnings", []):
+        err_console.print(f"[bold yellow]WARNING: the search decided nothing: {w}[/]")
 
 
 @app.command()
@@ -194,6 +201,7 @@ def run(
                                                         "search": search}))
     m = _run(run_pipeline, cmd, resume=resume, progress=progress)
     _print_metrics(f"{m['run_dir']} (searched)", m)
+    _warn_undecided(m.get("search_decision"))
     if m.get("baseline"):
         _print_metrics(f"{m['run_dir']}/baseline", m["baseline"])
     console.print(f"report: {m['run_dir']}/report.md")

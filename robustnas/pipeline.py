@@ -123,6 +123,7 @@ def search_run(cmd: SearchCommand, resume: bool = False, progress: bool = True):
                         progress=progress)
     result = strategy.search(ctx, resume=resume)
     _save_genotype(out, result.genotype)
+    write_json(out / "decision.json", result.decision)
     return result, out
 
 
@@ -251,6 +252,7 @@ def run_pipeline(cmd: RunCommand, resume: bool = False, progress: bool = True) -
                             device=str(device), seed=cmd.seed, progress=progress, interval=ev.interval)
     searched["search_seconds"] = search_seconds
     searched["search_method"] = cmd.method
+    searched["search_decision"] = result.decision
 
     # 4. the hand-crafted baseline at the same parameter count, same recipe and attacks
     baseline = None

@@ -295,6 +295,29 @@ def plot_fronts(fronts: list[list[dict]], path: Path, x: str = "clean_err", y: s
     return _save(plt, fig, path)
 
 
+def decision_section(decision: dict) -> list[str]:
+    """'Did the search decide anything?': the alphas' distance from uniform and the supernet (or scorer)
+    accuracy against chance, from analysis.search_decision."""
+    from robustnas.analysis import CHANCE_MARGIN, NEAR_UNIFORM
+
+    lines = ["## Did the search decide anything?", ""]
+    if not decision:
+        return lines + ["Not summarised: this method reports no alphas or scorer accuracy.", ""]
+    a, c = decision.get("alphas"), decision.get("accuracy")
+    if a:
+        lines.append(f"- alphas: softmax(alpha) at most {a['max_dev']:.4f} from uniform (mean {a['mean_dev']:.4f}) "
+                     f"over {a['edges']} edges; mean top-1 minus top-2 weight {a['mean_margin']:.4f}; entropy "
+                     f"{a['entropy_ratio']:.3f} of uniform's; near uniform below {NEAR_UNIFORM}: "
+                     f"**{'yes' if a['near_uniform'] else 'no'}**")
+    if c:
+        lines.append(f"- {c['of']}: validation clean accuracy {c['acc']:.3f} (95% CI {c['low']:.3f}-{c['high']:.3f}, "
+                     f"n = {c['n']}) vs chance {c['chance']:.3f}; near chance (CI reaches chance + {CHANCE_MARGIN}): "
+                     f"**{'yes' if c['near_chance'] else 'no'}**")
+    lines.append("- verdict: " + ("it decided something." if decision.get("decided") else
+                                  "**it decided nothing; the searched architecture is effectively random.**"))
+    return lines + [""]
+
+
 def write_search_run_report(out: str | Path, cmd, result, searched: dict, baseline: Optional[dict],
                             strategy=None, meta=None) -> Path:
     """report.md of `robustnas run`: searched vs hand-crafted, the cells, alphas over epochs, op table, and
@@ -307,8 +330,12 @@ def write_search_run_report(out: str | Path, cmd, result, searched: dict, baseli
     lines = [f"# {cmd.name}: {cmd.method} search on {searched.get('dataset')}", ""]
     if not searched.get("reliable", True) or (baseline and not baseline.get("reliable", True)):
         lines += ["> **WARNING: a sanity check failed; the robustness numbers below are UNRELIABLE.**", ""]
+    decision = getattr(result, "decision", None) or {}
+    for w in decision.get("warnings", []):
+        lines += [f"> **WARNING: the search decided nothing: {w}.**", ""]
     lines += [f"eps {searched.get('eps')} ({searched.get('norm', 'Linf')}), n = {searched.get('n')} test images, "
               f"search {searched.get('search_seconds', 0):.0f} s.", ""]
+    lines += decision_section(decision)
     rows = [("searched (" + cmd.method + ")", searched)] + ([(f"hand-crafted ({cmd.baseline.arch})", baseline)]
                                                            if baseline else [])
     lines += ["| model | clean | PGD-20 | AutoAttack | certified | HRS | params | FLOPs |",

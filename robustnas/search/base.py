@@ -46,12 +46,14 @@ class SearchContext:
 @dataclass
 class SearchResult:
     """The searched architecture (a Genotype, or a dict for spaces that are not DARTS cells), one
-    record per epoch / generation as written to search.jsonl, wall time, and method-specific extras."""
+    record per epoch / generation as written to search.jsonl, wall time, method-specific extras, and
+    `decision`: whether the search decided anything (analysis.search_decision; {} when the method gives none)."""
 
     genotype: Union[Genotype, dict]
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    decision: dict[str, Any] = field(default_factory=dict)
 
 
 @runtime_checkable

@@ -26,7 +26,7 @@ import torch
 from pydantic import Field, field_validator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from robustnas.analysis import hrs
+from robustnas.analysis import hrs, search_decision
 from robustnas.config import ParamCount, TrainConfig
 from robustnas.data import Dataset, DatasetMeta
 from robustnas.errors import UserError
@@ -164,7 +164,9 @@ class RandomSearch:
             save_genotype(genotype, ctx.out_dir / "genotype.json")
         return SearchResult(genotype=genotype, history=records, seconds=time.perf_counter() - t0,
                             extra={"chosen": best["index"], "C": best["C"], "layers": cfg.layers,
-                                   "rejected_draws": self.rejected})
+                                   "rejected_draws": self.rejected},
+                            decision=search_decision(acc=best.get("val_clean"), n=min(cfg.train.val_n, len(ctx.data.val)),
+                                                     num_classes=ctx.data.meta.num_classes, what="proxy scorer (chosen draw)"))
 
     def _unscored(self, item: dict) -> list[dict]:
         return [{"index": item["index"], "genotype": item["genotype"], "C": item["C"], "layers": self.cfg.layers}]

@@ -28,6 +28,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from robustnas.analysis import search_decision
 from robustnas.attacks import accuracy, fgsm_rs, pgd, robust_accuracy
 from robustnas.config import Base, EpsText, parse_eps
 from robustnas.data import DatasetMeta
@@ -414,8 +415,9 @@ class SupernetSearch:
                 record.update({k: _num(v) / self.steps_per_epoch for k, v in sums.items()})
                 record.update(self.series_info(series))
                 genotype = self.net.genotype()
-                record.update({"val_clean": val_clean, "val_robust": val_robust,
-                               "alphas": {k: w.tolist() for k, w in self.net.op_weights().items()},
+                alphas = {k: w.tolist() for k, w in self.net.op_weights().items()}
+                record.update({"val_clean": val_clean, "val_robust": val_robust, "alphas": alphas,
+                               "decision": self.decision(alphas, val_clean),
                                "genotype": genotype.to_dict(),
                                "seconds": time.perf_counter() - t0, "images_per_s": seen / train_seconds})
                 self.history.append(record)
@@ -429,9 +431,17 @@ class SupernetSearch:
         genotype.source = f"robustnas search --method {self.name} (seed {ctx.seed})"
         if ctx.out_dir is not None:
             save_genotype(genotype, ctx.out_dir / "genotype.json")
+        alphas = {k: w.tolist() for k, w in self.net.op_weights().items()}
+        last = self.history[-1] if self.history else {}
         return SearchResult(genotype=genotype, history=self.history, seconds=time.perf_counter() - t_start,
-                            extra={"alphas": {k: w.tolist() for k, w in self.net.op_weights().items()},
-                                   "supernet_params": sum(p.numel() for p in self.weights)})
+                            extra={"alphas": alphas, "supernet_params": sum(p.numel() for p in self.weights)},
+                            decision=self.decision(alphas, last.get("val_clean", float("nan"))))
+
+    def decision(self, alphas: dict[str, list[list[float]]], val_clean: float) -> dict[str, Any]:
+        """Did the search decide anything: the alphas' distance from uniform and the supernet's validation
+        accuracy (on min(val_n, |val|) images) against chance."""
+        return search_decision(alphas, val_clean, min(self.cfg.val_n, len(self.ctx.data.val)),
+                               self.ctx.data.meta.num_classes)
 
     def validate(self) -> tuple[float, float]:
         """Clean and PGD accuracy of the supernet on the first val_n validation images (fixed attack noise)."""

@@ -23,6 +23,7 @@ import torch
 from pydantic import Field
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from robustnas.analysis import search_decision
 from robustnas.config import EpsText, ParamCount, TrainConfig
 from robustnas.data import Dataset
 from robustnas.errors import UserError
@@ -179,8 +180,11 @@ class TamNas:
             extra["final"] = self.train_final(front, cfg.final, resume)
             if ctx.out_dir is not None:
                 write_json(ctx.out_dir / "final.json", extra["final"])
+        last = next((r for r in reversed(self.history) if "val_clean_largest" in r), {})  # the supernet's last epoch
+        decision = search_decision(acc=last.get("val_clean_largest"), n=min(cfg.val_n, len(self.eval_y)),
+                                   num_classes=ctx.data.meta.num_classes, what="supernet (largest subnet)")
         return SearchResult(genotype=best.to_dict(), history=self.history, seconds=time.perf_counter() - t_start,
-                            extra=extra)
+                            extra=extra, decision=decision)
 
     # ------------------------------------------------------------------------------------ run / report
     def final_size(self) -> dict:
