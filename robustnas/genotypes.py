@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any, Optional, Sequence
 from torch import nn
 
 from robustnas.errors import UserError
+from robustnas.rundir import atomic_write_text
 from robustnas.spaces import get_space, parse_genotype
 from robustnas.spaces.darts import Genotype
 
@@ -62,17 +62,7 @@ def load_genotype(name_or_path: str | os.PathLike):
 
 def save_genotype(genotype, path: str | os.PathLike) -> None:
     """Write a genotype as JSON atomically (a temporary file renamed into place: never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(genotype.to_json() + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(Path(path), genotype.to_json() + "\n")
 
 
 def build_network(genotype, C: Optional[int], layers: Optional[int], num_classes: int,

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from robustnas.rundir import atomic_write_text
+from robustnas.rundir import atomic_write_text, save_figure
 
 ATTACK_TITLES = {"fgsm": "FGSM", "cw": "CW (PGD-20 on the margin)", "autoattack": "AutoAttack (standard)",
                  "aa-rank": "AutoAttack-rank (APGD-CE + APGD-T, 3 targets; not standard AA)",
@@ -57,17 +55,7 @@ def plot_robustness_curve(metrics: dict, path: Path) -> Path:
         title += "  (UNRELIABLE)"
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return save_figure(fig, Path(path))
 
 
 def render_markdown(metrics: dict, title: str = "Evaluation", plot: str | None = None) -> str:
@@ -167,11 +155,8 @@ def plot_cell(cell: list, concat: list, path: Path, title: str) -> Path:
     ax.set_ylim(-2.0, 2.0)
     ax.axis("off")
     ax.set_title(title, fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_alphas(history: list[dict], path: Path, primitives: Optional[list[str]] = None) -> Optional[Path]:
@@ -198,11 +183,8 @@ def plot_alphas(history: list[dict], path: Path, primitives: Optional[list[str]]
         ax.set_xlabel("epoch")
         ax.set_ylabel("mean softmax(alpha)")
     axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_gamma(history: list[dict], path: Path) -> Optional[Path]:
@@ -235,11 +217,8 @@ def _figure(ncols: int = 1, width: float = 5.0, height: float = 3.4):
 
 
 def _save(plt, fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_series(x: list, series: dict[str, list[float]], path: Path, title: str, xlabel: str,

@@ -6,26 +6,51 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
 from robustnas.errors import UserError
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write through a temporary file and rename, so a reader never sees half a file."""
+def atomic_write(path: Path, write: Callable[[str], Any], suffix: str = "") -> Path:
+    """The one atomic write: `write(tmp)` fills a temporary file beside `path`, which is then renamed onto
+    it, so a reader never sees half a file and a crash leaves none (the temporary file is removed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
+def save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
+    """A safetensors file (CPU, contiguous copies), written atomically: weights and checkpoints."""
+    state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(state, tmp), suffix=".safetensors")
+
+
+def save_figure(fig, path: Path, **kw: Any) -> Path:
+    """A matplotlib figure as PNG, written atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", **kw), suffix=".png")
+    finally:
+        plt.close(fig)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -45,10 +70,7 @@ def save_model(run_dir: Path, model: nn.Module, spec: dict) -> None:
     """model.safetensors (weights, no pickle) and model.json (how to rebuild the module)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = run_dir / ".model.safetensors.tmp"
-    save_file(state, str(tmp))
-    tmp.replace(run_dir / "model.safetensors")
+    save_tensors(run_dir / "model.safetensors", model.state_dict())
     write_json(run_dir / "model.json", spec)
 
 

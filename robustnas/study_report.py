@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from robustnas.config import parse_eps
-from robustnas.rundir import atomic_write_text
+from robustnas.rundir import atomic_write_text, save_figure
 from robustnas.size import format_count
 
 GROUP_TITLES = {"random": "NAS, random DARTS genotypes", "published": "NAS, published genotypes",
@@ -34,19 +32,8 @@ def _f(v: Optional[float], signed: bool = False) -> str:
 
 def _save(fig, path: Path) -> Path:
     """Write a figure through a temporary file, so no half-written PNG is ever left."""
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.tight_layout()
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_robust_vs_eps(study: dict, path: Path, attack: str) -> Path:

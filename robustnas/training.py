@@ -17,13 +17,13 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from robustnas.attacks import accuracy, eval_mode, fgsm_rs, pgd, robust_accuracy
 from robustnas.config import TrainConfig, parse_eps
 from robustnas.data import Dataset
-from robustnas.rundir import atomic_write_text
+from robustnas.rundir import atomic_write_text, save_tensors
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -238,9 +238,7 @@ class Trainer:
             if buf is not None:
                 tensors[f"opt.{i}"] = buf.detach().cpu().contiguous()
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.out_dir / "checkpoint.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(self.out_dir / "checkpoint.safetensors")
+        save_tensors(self.out_dir / "checkpoint.safetensors", tensors)
         meta = {"epoch": epoch, "result": {**asdict(self.result)}}
         atomic_write_text(self.out_dir / "checkpoint.json", json.dumps(meta, indent=1))
 

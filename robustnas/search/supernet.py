@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from robustnas.analysis import search_decision
@@ -34,7 +34,7 @@ from robustnas.config import Base, EpsText, parse_eps
 from robustnas.data import DatasetMeta
 from robustnas.errors import UserError
 from robustnas.genotypes import save_genotype
-from robustnas.rundir import atomic_write_text
+from robustnas.rundir import atomic_write_text, save_tensors
 from robustnas.search.base import SearchContext, SearchResult, checkpoint_meta
 from robustnas.spaces import get_space
 from robustnas.spaces.darts import SuperNet
@@ -479,9 +479,7 @@ class SupernetSearch:
                         plain[prefix].setdefault(str(pid), {})[key] = v
         tensors.update({f"extra.{k}": v for k, v in self.state_tensors().items()})
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{CHECKPOINT}.safetensors.tmp"
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-        tmp.replace(out / f"{CHECKPOINT}.safetensors")
+        save_tensors(out / f"{CHECKPOINT}.safetensors", tensors)
         meta = {"epoch": epoch, "identity": self._identity(), "optimizers": plain, "history": self.history}
         atomic_write_text(out / f"{CHECKPOINT}.json", json.dumps(meta, indent=1))
         atomic_write_text(out / "search.jsonl", "".join(json.dumps(h) + "\n" for h in self.history))

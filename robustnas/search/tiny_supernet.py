@@ -25,12 +25,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.progress import Progress
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from robustnas.attacks import accuracy, fgsm_rs, pgd, robust_accuracy
 from robustnas.config import parse_eps
 from robustnas.data import Dataset
+from robustnas.rundir import save_tensors
 from robustnas.size import count_params
 from robustnas.spaces.tiny import TinySuperNet, recalibrate_bn
 from robustnas.training import cosine_lr, epoch_seed
@@ -183,9 +184,7 @@ class SupernetTrainer:
         for pid, state in self.opt.state_dict()["state"].items():
             if state.get("momentum_buffer") is not None:
                 tensors[f"opt.{pid}"] = state["momentum_buffer"]
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-        tmp.replace(path)
+        save_tensors(path, tensors)
 
     def load(self, path: Path) -> None:
         tensors = load_file(str(path), device=str(self.device))
