@@ -1,15 +1,19 @@
 """aa-rank (AutoAttack-rank, not standard AA): a cheaper subset of standard AutoAttack that can only miss
 breaks, image by image, and is never reported as `autoattack`."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-import torch.nn.functional as F
 
-from robustnas.attacks import (AA_RANK_TARGETS, AA_RANK_TITLE, aa_rank, build_autoattack, get_attack, pgd,
+from robustnas.attacks import (AA_RANK_TARGETS, AA_RANK_TITLE, aa_rank, build_autoattack, get_attack,
                                run_autoattack)
 from robustnas.data import load_dataset
 from robustnas.evaluate import evaluate_model
-from robustnas.models import build_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # works whether or not tests/ is a package
+from trained import fit_small_cnn  # noqa: E402
 
 EPS = 0.1
 
@@ -18,23 +22,8 @@ EPS = 0.1
 def setting():
     """A 9k-parameter CNN, PGD-5 adversarially trained on digits for 3 epochs, and 60 test images."""
     data = load_dataset("digits", seed=0)
-    m = data.meta
-    torch.manual_seed(0)
-    model = build_model("cnn", m.num_classes, m.shape, m.mean, m.std, width=0.25)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(3):
-        order = torch.randperm(len(data.train.y), generator=g)
-        for i in range(0, len(order), 64):
-            x, y = data.train.x[order[i:i + 64]], data.train.y[order[i:i + 64]]
-            x = pgd(model, x, y, EPS, steps=5, generator=g)
-            model.train()
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.zero_grad(set_to_none=True)
-    return model.eval(), data.test.x[:60], data.test.y[:60]
+    model = fit_small_cnn(data, adversarial=True, seed=0, epochs=3)
+    return model, data.test.x[:60], data.test.y[:60]
 
 
 def correct(model, x, y, x_adv):

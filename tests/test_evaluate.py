@@ -3,16 +3,17 @@ strength, the AutoAttack adapter is pyautoattack exactly, a gradient-masked mode
 directory gets RobustBench-shaped metrics and a report."""
 
 import json
+import sys
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from robustnas.analysis import hrs, pareto_front
-from robustnas.attacks import (ATTACKS, autoattack_static_checks, get_attack, pgd, run_autoattack, square,
+from robustnas.attacks import (ATTACKS, autoattack_static_checks, get_attack, run_autoattack, square,
                                transfer)
 from robustnas.config import TrainCommand, to_yaml
 from robustnas.data import load_dataset
@@ -22,6 +23,9 @@ from robustnas.models import build_model
 from robustnas.report import render_markdown
 from robustnas.rundir import atomic_write_text, save_model, write_json
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # works whether or not tests/ is a package
+from trained import fit_small_cnn  # noqa: E402
+
 EPS = 0.1
 
 
@@ -30,36 +34,14 @@ def digits():
     return load_dataset("digits", seed=0)
 
 
-def fit(data, adversarial: bool, seed: int = 0, epochs: int = 5):
-    """A 9k-parameter CNN, standard or PGD-5 adversarial training (Adam; about a second each)."""
-    m = data.meta
-    torch.manual_seed(seed)
-    model = build_model("cnn", m.num_classes, m.shape, m.mean, m.std, width=0.25)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        order = torch.randperm(len(data.train.y), generator=g)
-        for i in range(0, len(order), 64):
-            x, y = data.train.x[order[i:i + 64]], data.train.y[order[i:i + 64]]
-            if adversarial:
-                x = pgd(model, x, y, EPS, steps=5, generator=g)
-            model.train()
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.zero_grad(set_to_none=True)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def standard(digits):
-    return fit(digits, adversarial=False)
+    return fit_small_cnn(digits, adversarial=False)
 
 
 @pytest.fixture(scope="module")
 def robust(digits):
-    return fit(digits, adversarial=True)
+    return fit_small_cnn(digits, adversarial=True)
 
 
 class RoundInput(nn.Module):
