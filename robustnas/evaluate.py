@@ -59,15 +59,7 @@ def large_eps(norm: str, in_shape: Sequence[int]) -> float:
 
 
 def eps_value(eps: float | str, norm: str = "Linf") -> float:
-    """An epsilon in pixel units; Linf radii lie in [0, 1], L2 radii may exceed 1 (e.g. 2.0 on MNIST)."""
-    if norm == "L2":
-        try:
-            value = float(eps)
-        except (TypeError, ValueError):
-            return parse_eps(eps)
-        if not math.isfinite(value) or value < 0:
-            raise UserError(f"epsilon {eps!r} is out of range: an L2 radius must be a finite number >= 0")
-        return value
+    """An epsilon in pixel units, checked for its norm (config.parse_eps: Linf in [0, 1], L2 any >= 0)."""
     return parse_eps(eps, norm)
 
 
@@ -175,14 +167,11 @@ class AttackRunner:
                 self.bar.advance(task)
                 self.bar.update(task, info=msg[len("robust accuracy after "):].split(" (")[0])
 
-        if name == "aa-rank":  # AutoAttack-rank: APGD-CE + APGD-T on fewer targets, not standard AA
-            options = {"n_target_classes": AA_RANK_TARGETS, **options}
+        if name != "autoattack":  # one component alone (square, apgd-ce, apgd-t), or aa-rank: APGD-CE +
+            if name == "aa-rank":  # APGD-T on fewer target classes (AutoAttack-rank, not standard AA)
+                options = {"n_target_classes": AA_RANK_TARGETS, **options}
             result = run_autoattack(self.model, x, y, eps, self.norm, version="custom", attacks=components,
                                     seed=self.seed, batch_size=self.batch_size, on_message=on_message, **options)
-        elif name != "autoattack":  # one component alone: square, apgd-ce, apgd-t
-            result = run_autoattack(self.model, x, y, eps, self.norm, version="custom",
-                                    attacks=[name], seed=self.seed, batch_size=self.batch_size,
-                                    on_message=on_message, **options)
         else:
             result = run_autoattack(self.model, x, y, eps, self.norm, seed=self.seed,
                                     batch_size=self.batch_size, on_message=on_message, **options)
