@@ -29,13 +29,13 @@ from robustnas.spaces import get_space
 
 
 def robust_metric(metrics: dict) -> tuple[Optional[float], str]:
-    """The number a run is ranked by: AutoAttack accuracy, else the strongest PGD it ran (labelled).
-    The lookup is the archive's (store.metric_value), so both rank alike."""
+    """The number a run is ranked by: standard AutoAttack accuracy, else AutoAttack-rank (aa-rank), else the
+    strongest PGD it ran (labelled). The lookup is the archive's (store.metric_value), so both rank alike."""
     from robustnas.store import metric_value
 
     pgds = sorted((k for k in metrics.get("robust_acc") or {} if k.startswith("pgd") and k[3:].isdigit()),
                   key=lambda k: -int(k[3:]))
-    found = metric_value(metrics, "autoattack_acc", pgds)
+    found = metric_value(metrics, "autoattack_acc", ["aa-rank", *pgds])
     return (found[0], found[1].removesuffix("_acc")) if found else (None, "-")
 
 
@@ -116,10 +116,12 @@ def plot_pareto(entries: Sequence[dict], path: Path) -> Optional[Path]:
 
 # ------------------------------------------------------------------------------------------ paired comparison
 def _common_metric(tables: Sequence[dict]) -> Optional[str]:
-    """The per-image column every table holds to rank by: autoattack, else the strongest common PGD."""
+    """The per-image column every table holds to rank by: autoattack (standard), else aa-rank, else the
+    strongest common PGD."""
     common = set.intersection(*(set(t) for t in tables)) - {"index", "label", "clean"}
-    if "autoattack" in common:
-        return "autoattack"
+    for name in ("autoattack", "aa-rank"):
+        if name in common:
+            return name
     pgds = sorted((c for c in common if c.startswith("pgd") and c[3:].isdigit()), key=lambda c: -int(c[3:]))
     return pgds[0] if pgds else None
 
