@@ -25,8 +25,8 @@ FORMS = {  # name: (penalty, penalty_scale, h_space)
 
 
 def main() -> None:
-    from robustnas.config import SearchCommand, load_yaml, parse_eps, validate
-    from robustnas.pipeline import load_data
+    from robustnas.core.config import SearchCommand, load_yaml, parse_eps, validate
+    from robustnas.app.pipeline import load_data
     from robustnas.search import SearchContext, build_strategy
     from robustnas.search.advrush import curvature_penalty
 

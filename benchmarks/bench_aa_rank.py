@@ -18,12 +18,12 @@ import time
 def main() -> None:
     import torch
 
-    from robustnas.arch import build_arch
-    from robustnas.attacks import AA_RANK_TARGETS, AA_RANK_TITLE, run_autoattack
-    from robustnas.config import TrainConfig
-    from robustnas.data import load_dataset
-    from robustnas.size import count_params
-    from robustnas.training import Trainer
+    from robustnas.nets.arch import build_arch
+    from robustnas.robustness.attacks import AA_RANK_TARGETS, AA_RANK_TITLE, run_autoattack
+    from robustnas.core.config import TrainConfig
+    from robustnas.data.datasets import load_dataset
+    from robustnas.nets.size import count_params
+    from robustnas.training.trainer import Trainer
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", default="fashion-mnist")

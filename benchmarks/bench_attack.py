@@ -1,6 +1,6 @@
 """Attack speed: our PGD-20 against a plain hand-written PGD loop, and AutoAttack's cost for the demo model.
 
-1. Images/s of `robustnas.attacks.pgd` (20 steps, Linf) vs the same attack written out by hand, on the same
+1. Images/s of `robustnas.robustness.attacks.pgd` (20 steps, Linf) vs the same attack written out by hand, on the same
    model and images; both run in this process, interleaved in rounds so machine noise hits them alike;
    each figure is the median over rounds. Prints both and the ratio (goal >= 0.95).
 2. Seconds per 1000 images of standard AutoAttack (pyautoattack, through our adapter) on the demo model, a
@@ -20,10 +20,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from robustnas.attacks import accuracy, pgd, run_autoattack
-from robustnas.data import load_dataset
-from robustnas.models import build_model
-from robustnas.size import count_params
+from robustnas.robustness.attacks import accuracy, pgd, run_autoattack
+from robustnas.data.datasets import load_dataset
+from robustnas.nets.models import build_model
+from robustnas.nets.size import count_params
 
 
 def plain_pgd(model, x, y, eps, alpha, steps, generator):
@@ -130,7 +130,7 @@ def main() -> None:
     if args.aa_n <= 0:
         return
     if args.run_dir:
-        from robustnas.rundir import load_model
+        from robustnas.nets.arch import load_model
 
         model, _ = load_model(args.run_dir, device=str(dev))
         model.eval()

@@ -33,8 +33,8 @@ OPTIONAL = {
 
 
 def load(name: str, n: int):
-    from robustnas.data import load_dataset
-    from robustnas.errors import UserError
+    from robustnas.data.datasets import load_dataset
+    from robustnas.core.errors import UserError
 
     try:
         return load_dataset(name, subset=n)

@@ -18,8 +18,8 @@ import time
 import numpy as np
 import torch
 
-from robustnas.data import load_dataset
-from robustnas.executor import make_executor
+from robustnas.data.datasets import load_dataset
+from robustnas.core.executor import make_executor
 from robustnas.search import SearchContext, build_strategy
 
 

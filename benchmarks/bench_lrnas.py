@@ -27,8 +27,8 @@ import torch
 
 
 def _load(name: str, subset: int):
-    from robustnas.data import load_dataset
-    from robustnas.errors import UserError
+    from robustnas.data.datasets import load_dataset
+    from robustnas.core.errors import UserError
 
     try:
         return load_dataset(name, subset=subset, seed=0)
@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    from robustnas.config import parse_eps
+    from robustnas.core.config import parse_eps
     from robustnas.search import SearchContext, build_strategy
 
     if args.threads:
@@ -137,7 +137,7 @@ def main() -> None:
 
 def compare_updates(args, data, settings: dict, device: torch.device) -> None:
     """One search per alpha update, same seed; the selections of each under both budget rules."""
-    from robustnas.config import parse_eps
+    from robustnas.core.config import parse_eps
     from robustnas.search import SearchContext, build_strategy
     from robustnas.search.greedy import select_under_budget
 

@@ -6,7 +6,7 @@ DARTS supernet search step (the demo's search settings) and one LRNAS subset eva
 images/s of a PGD-AT step and of a PGD attack, FLOPs per image, the achieved GFLOP/s and its ratio to
 the conv2d peak measured in the same run.
 
-FLOPs are torch's FlopCounterMode count (convs and matmuls, forward and backward; robustnas.size) of
+FLOPs are torch's FlopCounterMode count (convs and matmuls, forward and backward; robustnas.nets.size) of
 the workload run once in its eager NCHW form; every variant of a workload is credited with those same
 FLOPs, so a variant that does more arithmetic (a fused conv) gains nothing from it. Variants of one
 workload run interleaved in rounds in this process (A, B, A, B, ...) and each figure is the best round,
@@ -27,17 +27,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from robustnas.attacks import ATTACKS, pgd
-from robustnas.data import load_dataset
-from robustnas.errors import UserError
-from robustnas.genotypes import build_network
-from robustnas.models import build_model
-from robustnas.models.base import set_channels_last
-from robustnas.models.fast import compile_model, fold_bn
+from robustnas.robustness.attacks import ATTACKS, pgd
+from robustnas.data.datasets import load_dataset
+from robustnas.core.errors import UserError
+from robustnas.nets.genotypes import build_network
+from robustnas.nets.models import build_model
+from robustnas.nets.models.base import set_channels_last
+from robustnas.nets.models.fast import compile_model, fold_bn
 from robustnas.search import SearchContext, build_strategy
 from robustnas.search.lrnas import SubsetAccuracy
-from robustnas.size import count_flops, count_flops_of, count_params
-from robustnas.spaces.darts import Cell, MixedOp
+from robustnas.nets.size import count_flops, count_flops_of, count_params
+from robustnas.nets.spaces.darts import Cell, MixedOp
 
 EPS = 0.1
 
@@ -143,7 +143,7 @@ def main() -> None:
         arnas = build_network("arnas_cifar10", 8, 5, m.num_classes, m.shape, m.mean, m.std, **size).to(dev)
         darts = build_network("darts_v2", 8, 5, m.num_classes, m.shape, m.mean, m.std, **size).to(dev)
         cnn = build_model("cnn", m.num_classes, m.shape, m.mean, m.std, params=count_params(darts)).to(dev)
-        from robustnas.spaces.tiny import TinySpace
+        from robustnas.nets.spaces.tiny import TinySpace
         tiny_geno = TinySpace().decode(TinySpace().sample(np.random.default_rng(0)))
         tiny = build_network(tiny_geno, None, None, m.num_classes, m.shape, m.mean, m.std).to(dev)
         return {"cnn": cnn, "darts": darts, "arnas": arnas, "tiny": tiny}

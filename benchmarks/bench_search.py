@@ -39,8 +39,8 @@ ROWS = {  # name: (kind, settings, the derived row it is compared with)
 
 
 def _load(args):
-    from robustnas.data import load_dataset
-    from robustnas.errors import UserError
+    from robustnas.data.datasets import load_dataset
+    from robustnas.core.errors import UserError
 
     n = 4 * args.batch_size
     try:
@@ -56,10 +56,10 @@ def _sync(device: torch.device) -> None:
 
 def run_row(name: str, args) -> dict:
     """Build the row's model, time --iters steps after a warm-up step, measure the peak memory."""
-    from robustnas.config import TrainConfig
-    from robustnas.genotypes import build_network
+    from robustnas.core.config import TrainConfig
+    from robustnas.nets.genotypes import build_network
     from robustnas.search import SearchContext, build_strategy
-    from robustnas.training import Trainer
+    from robustnas.training.trainer import Trainer
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -18,11 +18,11 @@ import time
 import numpy as np
 import torch
 
-from robustnas.config import TrainConfig, parse_eps
-from robustnas.data import load_dataset
+from robustnas.core.config import TrainConfig, parse_eps
+from robustnas.data.datasets import load_dataset
 from robustnas.search import SearchContext, build_strategy
-from robustnas.size import count_params
-from robustnas.training import Trainer
+from robustnas.nets.size import count_params
+from robustnas.training.trainer import Trainer
 
 
 def main() -> None:

@@ -13,10 +13,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from robustnas.config import TrainConfig
-from robustnas.data import load_dataset
-from robustnas.models import build_model
-from robustnas.training import Trainer
+from robustnas.core.config import TrainConfig
+from robustnas.data.datasets import load_dataset
+from robustnas.nets.models import build_model
+from robustnas.training.trainer import Trainer
 
 
 def plain_pgd_at_step(model, opt, x, y, eps, alpha, steps):
@@ -95,7 +95,7 @@ def main() -> None:
         ours.append(time_ours())
         ref.append(time_ref())
     o, r = statistics.median(ours), statistics.median(ref)
-    from robustnas.size import count_params
+    from robustnas.nets.size import count_params
     print(f"bench_train: {meta.name}, {args.arch} ({count_params(ours_model)} params), batch {args.batch_size}, "
           f"PGD-{args.steps} AT, device {dev.type}, torch threads {torch.get_num_threads()}")
     print(f"  plain loop : {r:8.1f} images/s")

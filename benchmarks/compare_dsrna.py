@@ -33,14 +33,14 @@ def op_counts(genotype) -> dict:
 
 
 def run_method(name: str, method: str, settings: dict, data, args, out: Path) -> dict:
-    from robustnas.arch import channels_for_params
-    from robustnas.attacks import accuracy, pgd, robust_accuracy
-    from robustnas.certify import certified_radius
-    from robustnas.config import TrainConfig
-    from robustnas.genotypes import build_network
+    from robustnas.nets.arch import channels_for_params
+    from robustnas.robustness.attacks import accuracy, pgd, robust_accuracy
+    from robustnas.robustness.certify import certified_radius
+    from robustnas.core.config import TrainConfig
+    from robustnas.nets.genotypes import build_network
     from robustnas.search import SearchContext, build_strategy
-    from robustnas.size import count_params
-    from robustnas.training import Trainer
+    from robustnas.nets.size import count_params
+    from robustnas.training.trainer import Trainer
 
     eps = float(args.eps)
     search_settings = {"C": args.search_C, "layers": args.search_layers, "epochs": args.search_epochs,
@@ -124,8 +124,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from robustnas.data import load_dataset
-    from robustnas.errors import UserError
+    from robustnas.data.datasets import load_dataset
+    from robustnas.core.errors import UserError
 
     try:
         data = load_dataset(args.dataset, subset=args.subset, seed=args.seed)

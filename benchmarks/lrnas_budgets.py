@@ -20,15 +20,15 @@ from pathlib import Path
 
 
 def main() -> None:
-    from robustnas.compare import compare_runs
-    from robustnas.config import BenchmarkCommand, RunCommand, load_yaml, validate
-    from robustnas.genotypes import save_genotype
-    from robustnas.pipeline import load_data, resolved, train_evaluate
-    from robustnas.rundir import read_json
+    from robustnas.results.compare import compare_runs
+    from robustnas.core.config import BenchmarkCommand, RunCommand, load_yaml, validate
+    from robustnas.nets.genotypes import save_genotype
+    from robustnas.app.pipeline import load_data, resolved, train_evaluate
+    from robustnas.core.rundir import read_json
     from robustnas.search.greedy import select_under_budget
     from robustnas.search.lrnas import LrnasConfig
-    from robustnas.size import parse_count
-    from robustnas.training import resolve_device
+    from robustnas.core.config import parse_count
+    from robustnas.training.trainer import resolve_device
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/benchmark.yaml")

@@ -19,11 +19,11 @@ def main() -> None:
     import torch
     from torch import nn
 
-    from robustnas.config import TrainConfig
-    from robustnas.data import load_dataset
-    from robustnas.evaluate import evaluate_model
-    from robustnas.models import build_model
-    from robustnas.training import Trainer
+    from robustnas.core.config import TrainConfig
+    from robustnas.data.datasets import load_dataset
+    from robustnas.evaluation.evaluate import evaluate_model
+    from robustnas.nets.models import build_model
+    from robustnas.training.trainer import Trainer
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", default="digits")

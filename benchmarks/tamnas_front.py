@@ -20,13 +20,13 @@ from pathlib import Path
 def main() -> None:
     import torch
 
-    from robustnas.arch import build_arch
-    from robustnas.config import TrainConfig
-    from robustnas.data import load_dataset
-    from robustnas.evaluate import evaluate_model
+    from robustnas.nets.arch import build_arch
+    from robustnas.core.config import TrainConfig
+    from robustnas.data.datasets import load_dataset
+    from robustnas.evaluation.evaluate import evaluate_model
     from robustnas.search import SearchContext, build_strategy
-    from robustnas.size import count_params
-    from robustnas.training import Trainer
+    from robustnas.nets.size import count_params
+    from robustnas.training.trainer import Trainer
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", default="fashion-mnist")

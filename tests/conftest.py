@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from robustnas.data import load_dataset
+from robustnas.data.datasets import load_dataset
 
 torch.set_num_threads(1)
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustnas.attacks import (AA_RANK_TARGETS, AA_RANK_TITLE, aa_rank, build_autoattack, get_attack,
+from robustnas.robustness.attacks import (AA_RANK_TARGETS, AA_RANK_TITLE, aa_rank, build_autoattack, get_attack,
                                run_autoattack)
-from robustnas.data import load_dataset
-from robustnas.evaluate import evaluate_model
+from robustnas.data.datasets import load_dataset
+from robustnas.evaluation.evaluate import evaluate_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # works whether or not tests/ is a package
 from trained import fit_small_cnn  # noqa: E402

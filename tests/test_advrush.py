@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustnas.errors import UserError
-from robustnas.models.base import Normalize
+from robustnas.core.errors import UserError
+from robustnas.nets.models.base import Normalize
 from robustnas.search import SearchContext, build_strategy
 from robustnas.search.advrush import curvature_direction, curvature_penalty, curvature_step
 
@@ -270,7 +270,7 @@ def test_search_turns_the_penalty_on_after_its_warmup_and_resumes_exactly(data, 
 
 
 def test_the_shipped_config_is_a_valid_run_of_this_method():
-    from robustnas.config import RunCommand, load_yaml, validate
+    from robustnas.core.config import RunCommand, load_yaml, validate
     from robustnas.search.advrush import Advrush
 
     cmd = validate(RunCommand, load_yaml(Path(__file__).resolve().parents[1] / "configs" / "advrush.yaml"))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from robustnas.attacks import accuracy, fgsm, margin_loss, pgd, robust_accuracy
+from robustnas.robustness.attacks import accuracy, fgsm, margin_loss, pgd, robust_accuracy
 
 
 def trained_mlp(seed: int = 0):

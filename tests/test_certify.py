@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustnas.certify import (certified_accuracy, certified_radius, crown_bounds, ibp_bounds,
+from robustnas.robustness.certify import (certified_accuracy, certified_radius, crown_bounds, ibp_bounds,
                                margin_lower_bound)
-from robustnas.errors import UserError
-from robustnas.models.base import Normalize
+from robustnas.core.errors import UserError
+from robustnas.nets.models.base import Normalize
 
 TOL = 1e-4  # float32 slack for "inside the bounds"
 
@@ -511,7 +511,7 @@ def test_bad_arguments_raise_user_errors():
 
 # ------------------------------------------------------------------------------------------- speed paths
 def test_certification_bounds_only_correctly_classified_samples(monkeypatch):
-    import robustnas.certify as certify
+    import robustnas.robustness.certify as certify
 
     model = hand_cnn()
     x, _ = data("hand_cnn", n=12, seed=3)
@@ -537,8 +537,8 @@ def test_certification_bounds_only_correctly_classified_samples(monkeypatch):
 def test_conv_transpose_path_equals_the_vjp():
     """CROWN through Conv2d by a transposed convolution gives the bound of the generic vjp (odd sizes,
     stride, dilation, groups)."""
-    from robustnas.bounds import TracedModel
-    from robustnas.bounds.crown import backward_lower
+    from robustnas.robustness.bounds import TracedModel
+    from robustnas.robustness.bounds.crown import backward_lower
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.ReLU(),

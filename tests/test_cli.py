@@ -3,7 +3,7 @@
 import pytest
 from typer.testing import CliRunner
 
-from robustnas.cli import app
+from robustnas.app.cli import app
 
 runner = CliRunner()
 

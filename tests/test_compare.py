@@ -7,9 +7,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from robustnas.cli import app
-from robustnas.compare import load_entry, robust_metric
-from robustnas.errors import UserError
+from robustnas.app.cli import app
+from robustnas.results.compare import load_entry, robust_metric
+from robustnas.core.errors import UserError
 
 DARTS = {"C": 4, "layers": 3, "epochs": 1, "batch_size": 16, "max_batches_per_epoch": 2, "val_n": 16, "val_steps": 1}
 TAMNAS = {"epochs": 1, "max_batches_per_epoch": 2, "batch_size": 16, "attack_steps": 1, "val_n": 20, "eval_n": 20,

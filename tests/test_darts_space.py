@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.fx
 
-from robustnas import ops
-from robustnas.errors import UserError
-from robustnas.genotypes import build_network, load_genotype, published_names, save_genotype
-from robustnas.size import count_params
-from robustnas.spaces import (ARNAS_PRIMITIVES, PRIMITIVES, ArnasNetwork, ArnasSuperNet, Genotype, MixedOp, Network,
+from robustnas.nets import ops
+from robustnas.core.errors import UserError
+from robustnas.nets.genotypes import build_network, load_genotype, published_names, save_genotype
+from robustnas.nets.size import count_params
+from robustnas.nets.spaces import (ARNAS_PRIMITIVES, PRIMITIVES, ArnasNetwork, ArnasSuperNet, Genotype, MixedOp, Network,
                               SuperNet)
-from robustnas.spaces.darts import channel_shuffle
+from robustnas.nets.spaces.darts import channel_shuffle
 
 MEAN3, STD3 = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
 
@@ -248,7 +248,7 @@ def test_packaged_genotypes_equal_shared_copy():
     shared = Path(__file__).resolve().parents[2] / "shared" / "published_genotypes.json"
     if not shared.exists():
         pytest.skip(f"{shared} not present (installed package without the project's shared folder)")
-    packaged = Path(__file__).resolve().parents[1] / "robustnas" / "published_genotypes.json"
+    packaged = Path(__file__).resolve().parents[1] / "robustnas" / "nets" / "published_genotypes.json"
     assert packaged.read_bytes() == shared.read_bytes()
     assert set(published_names()) >= {"darts_v2", "advrush", "pdarts", "racl", "e2rnas", "rnas",
                                       "lrnas_cifar10", "lrnas_cifar100", "arnas_cifar10"}
@@ -402,8 +402,8 @@ def test_fx_traces_supernets_and_networks():
 
 @pytest.mark.parametrize("budget", [50_000, 100_000, 200_000])
 def test_a_parameter_budget_picks_the_largest_even_C_within_it(budget):
-    from robustnas.arch import build_arch
-    from robustnas.data import DatasetMeta
+    from robustnas.nets.arch import build_arch
+    from robustnas.data.datasets import DatasetMeta
 
     meta = DatasetMeta(name="t", num_classes=10, shape=(1, 28, 28), mean=(0.5,), std=(0.5,), eps="0.1",
                        classes=tuple("0123456789"), source="test")
@@ -416,9 +416,9 @@ def test_a_parameter_budget_picks_the_largest_even_C_within_it(budget):
 
 
 def test_a_tiny_genotype_file_builds_through_arch_and_refuses_cell_sizes(tmp_path):
-    from robustnas.arch import build_arch, model_from_spec
-    from robustnas.data import DatasetMeta
-    from robustnas.spaces.tiny import TinySpace
+    from robustnas.nets.arch import build_arch, model_from_spec
+    from robustnas.data.datasets import DatasetMeta
+    from robustnas.nets.spaces.tiny import TinySpace
 
     meta = DatasetMeta(name="t", num_classes=10, shape=(1, 28, 28), mean=(0.5,), std=(0.5,), eps="0.1",
                        classes=tuple("0123456789"), source="test")

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from robustnas import data
-from robustnas.data import UserError, load_dataset
+from robustnas.data import datasets as data
+from robustnas.data.datasets import UserError, load_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # works whether or not tests/ is a package
 from fixtures_data import (IDX_NAMES, idx_bytes, write_cifar10, write_cifar100, write_idx,  # noqa: E402

@@ -6,11 +6,11 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from robustnas.analysis import NEAR_UNIFORM, accuracy_vs_chance, alpha_spread, search_decision
-from robustnas.cli import app
-from robustnas.config import DataConfig
-from robustnas.pipeline import load_data
-from robustnas.report import decision_section
+from robustnas.evaluation.analysis import NEAR_UNIFORM, accuracy_vs_chance, alpha_spread, search_decision
+from robustnas.app.cli import app
+from robustnas.core.config import DataConfig
+from robustnas.app.pipeline import load_data
+from robustnas.results.report import decision_section
 from robustnas.search import SearchContext, build_strategy
 
 TINY = {"C": 2, "layers": 3, "epochs": 1, "batch_size": 16, "max_batches_per_epoch": 1, "val_n": 64, "val_steps": 1}

@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustnas.attacks import pgd
-from robustnas.certify import margin_lower_bound
-from robustnas.errors import UserError
-from robustnas.jacobian import dual_order, frobenius_sq_estimate, jacobian_metric, jacobian_row_norms
+from robustnas.robustness.attacks import pgd
+from robustnas.robustness.certify import margin_lower_bound
+from robustnas.core.errors import UserError
+from robustnas.robustness.jacobian import dual_order, frobenius_sq_estimate, jacobian_metric, jacobian_row_norms
 from robustnas.search import SearchContext, build_strategy
 from robustnas.search.dsrna import Dsrna
 from robustnas.search.supernet import SearchBatch
-from robustnas.spaces.darts import SuperNet
+from robustnas.nets.spaces.darts import SuperNet
 
 TINY = dict(C=4, layers=3, batch_size=16, epochs=2, max_batches_per_epoch=2, val_n=16, val_steps=1,
             val_metric_n=8)
@@ -349,7 +349,7 @@ def test_killed_and_resumed_search_equals_an_uninterrupted_one(data, tmp_path):
 
 
 def test_the_shipped_config_is_a_valid_run_of_this_method():
-    from robustnas.config import RunCommand, load_yaml, validate
+    from robustnas.core.config import RunCommand, load_yaml, validate
 
     cmd = validate(RunCommand, load_yaml(Path(__file__).resolve().parents[1] / "configs" / "dsrna.yaml"))
     strat = build_strategy(cmd.method, cmd.search)

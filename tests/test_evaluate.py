@@ -12,16 +12,17 @@ import pytest
 import torch
 from torch import nn
 
-from robustnas.analysis import hrs, pareto_front
-from robustnas.attacks import (ATTACKS, autoattack_static_checks, get_attack, run_autoattack, square,
+from robustnas.evaluation.analysis import hrs, pareto_front
+from robustnas.robustness.attacks import (ATTACKS, autoattack_static_checks, get_attack, run_autoattack, square,
                                transfer)
-from robustnas.config import TrainCommand, to_yaml
-from robustnas.data import load_dataset
-from robustnas.errors import UserError
-from robustnas.evaluate import evaluate_model, evaluate_run, paired_difference
-from robustnas.models import build_model
-from robustnas.report import render_markdown
-from robustnas.rundir import atomic_write_text, save_model, write_json
+from robustnas.core.config import TrainCommand, to_yaml
+from robustnas.data.datasets import load_dataset
+from robustnas.core.errors import UserError
+from robustnas.evaluation.evaluate import evaluate_model, evaluate_run, paired_difference
+from robustnas.nets.models import build_model
+from robustnas.evaluation.report import render_markdown
+from robustnas.core.rundir import atomic_write_text, write_json
+from robustnas.nets.arch import save_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # works whether or not tests/ is a package
 from trained import fit_small_cnn  # noqa: E402
@@ -164,7 +165,7 @@ def test_evaluate_run_writes_robustbench_metrics_and_a_report(robust_run):
 
 
 def robust_run_model_params(run):
-    from robustnas.rundir import load_model
+    from robustnas.nets.arch import load_model
 
     return load_model(run)[0].parameters()
 
@@ -182,7 +183,7 @@ def test_attacks_order_by_strength_on_the_same_images(robust_run):
 def test_autoattack_numbers_equal_calling_pyautoattack_directly(robust_run, digits):
     from pyautoattack import AutoAttack
 
-    from robustnas.rundir import load_model
+    from robustnas.nets.arch import load_model
 
     run, m = robust_run
     model = load_model(run)[0].eval()

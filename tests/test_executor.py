@@ -11,13 +11,13 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from robustnas.data import load_dataset
-from robustnas.errors import UserError
-from robustnas.executor import EXECUTORS, WorkerLost, executor_flags, make_executor
+from robustnas.data.datasets import load_dataset
+from robustnas.core.errors import UserError
+from robustnas.core.executor import EXECUTORS, WorkerLost, executor_flags, make_executor
 from robustnas.search import SearchContext, build_strategy
 from robustnas.search.random import RandomConfig
 from robustnas.search.tamnas import TamNasConfig
-from robustnas.study import StudyCommand
+from robustnas.app.study import StudyCommand
 
 ITEMS = [5, 0, 3, 1, 4, 2]
 
@@ -133,7 +133,7 @@ def test_a_candidate_that_always_kills_its_worker_gives_up(tmp_path):
 def test_a_script_without_main_guard_gets_a_one_line_fix(tmp_path):
     """Spawned workers import the calling script: unguarded, they die while starting, and the message says
     how to fix it instead of retrying."""
-    body = "from robustnas.executor import make_executor\nex = make_executor('pool', workers=1)\n"
+    body = "from robustnas.core.executor import make_executor\nex = make_executor('pool', workers=1)\n"
     bad, good = tmp_path / "bad.py", tmp_path / "good.py"
     bad.write_text(body + "print(ex.map(abs, [1, -2]))\n")
     good.write_text(body + "if __name__ == '__main__':\n    print(ex.map(abs, [1, -2]))\n    ex.close()\n")

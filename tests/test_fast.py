@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from robustnas.genotypes import build_network
-from robustnas.models import build_model
-from robustnas.models.base import Normalize, set_channels_last
-from robustnas.models.fast import compile_model, fold_bn
-from robustnas.size import count_flops_of
-from robustnas.spaces.arnas import ArnasSuperNet
+from robustnas.nets.genotypes import build_network
+from robustnas.nets.models import build_model
+from robustnas.nets.models.base import Normalize, set_channels_last
+from robustnas.nets.models.fast import compile_model, fold_bn
+from robustnas.nets.size import count_flops_of
+from robustnas.nets.spaces.arnas import ArnasSuperNet
 
 SHAPE, MEAN, STD = (1, 8, 8), [0.3], [0.3]
 
@@ -126,7 +126,7 @@ def test_count_flops_of_counts_forward_and_backward():
 
 @pytest.mark.parametrize("name", ["darts", "supernet"])
 def test_shared_relu_keeps_outputs_and_gradients(name):
-    from robustnas.spaces.darts import Cell, MixedOp
+    from robustnas.nets.spaces.darts import Cell, MixedOp
 
     net = _net(name).train()
     x, y = _batch()

@@ -14,22 +14,23 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from robustnas import ops
-from robustnas.attacks import fgsm
-from robustnas.config import RunCommand, validate
-from robustnas.data import load_dataset
-from robustnas.errors import UserError
-from robustnas.genotypes import build_network, load_genotype
+from robustnas.nets import ops
+from robustnas.robustness.attacks import fgsm
+from robustnas.core.config import RunCommand, validate
+from robustnas.data.datasets import load_dataset
+from robustnas.core.errors import UserError
+from robustnas.nets.genotypes import build_network, load_genotype
 from robustnas.search import SearchContext, build_strategy
-from robustnas.data import DatasetMeta
+from robustnas.data.datasets import DatasetMeta
 from robustnas.search.greedy import PUBLIC_FREE_OPS, GreedySelector, select_under_budget
 from robustnas.search.lrnas import kind_zscore_update, momentum_update
 from robustnas.search.masked import (MaskedSubsets, SubsetAccuracy, leading_cells, player_names, split_players,
                                      subsets_forward)
 from robustnas.search.shapley import (contribution_values, nested_values, random_orderings, removal_drops,
                                       summarise_contributions, zscore)
-from robustnas.size import count_params, parse_count
-from robustnas.spaces.darts import PRIMITIVES, Genotype, SuperNet
+from robustnas.nets.size import count_params
+from robustnas.core.config import parse_count
+from robustnas.nets.spaces.darts import PRIMITIVES, Genotype, SuperNet
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_OPS = ["none", "max_pool_3x3", "skip_connect", "sep_conv_3x3", "dil_conv_3x3"]

@@ -11,11 +11,11 @@ import torch
 import torch.fx
 from torch import nn
 
-from robustnas.errors import UserError
-from robustnas.models import MODELS, build_model, list_models, model_from_config, width_for_params
-from robustnas.models.base import Normalize
-from robustnas.models.densenet import growth_schedule
-from robustnas.size import count_params
+from robustnas.core.errors import UserError
+from robustnas.nets.models import MODELS, build_model, list_models, model_from_config, width_for_params
+from robustnas.nets.models.base import Normalize
+from robustnas.nets.models.densenet import growth_schedule
+from robustnas.nets.size import count_params
 
 NAMES = list_models()
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
@@ -182,7 +182,7 @@ def test_densenet_growth_schedule_is_fractional(layers, growth):
 
 @pytest.mark.parametrize("name", ["cnn", "mobilenetv2", "preact_resnet"])
 def test_at_most_picks_the_widest_model_within_the_budget(name):
-    from robustnas.size import count_params
+    from robustnas.nets.size import count_params
 
     for budget in (25_000, 60_000):
         w = width_for_params(name, 10, (1, 28, 28), budget, at_most=True)

@@ -11,12 +11,13 @@ import yaml
 from scipy.stats import binomtest
 from typer.testing import CliRunner
 
-from robustnas.cli import app
-from robustnas.compare import compare_runs
-from robustnas.config import TrainCommand, to_yaml
-from robustnas.evaluate import evaluate_run, read_per_image
-from robustnas.models import build_model
-from robustnas.rundir import atomic_write_text, save_model, write_json
+from robustnas.app.cli import app
+from robustnas.results.compare import compare_runs
+from robustnas.core.config import TrainCommand, to_yaml
+from robustnas.evaluation.evaluate import evaluate_run, read_per_image
+from robustnas.nets.models import build_model
+from robustnas.core.rundir import atomic_write_text, write_json
+from robustnas.nets.arch import save_model
 
 ATTACKS = ("fgsm", "pgd20")
 
@@ -156,7 +157,7 @@ def test_plan_estimates_every_member_and_writes_nothing(tmp_path):
     result = CliRunner().invoke(app, ["benchmark", "--config", str(cfg), "--plan", "--discordance", "0.3"])
     assert result.exit_code == 0, result.output
     assert "cnn" in result.output and "for 2 seed(s)" in result.output
-    from robustnas.stats import detectable_difference
+    from robustnas.core.stats import detectable_difference
 
     assert f"{detectable_difference(30, 2, 0.3):.3f} at n=30" in result.output.replace("\n", " ")
     assert not (tmp_path / "bench").exists()
@@ -166,7 +167,7 @@ def test_plan_extrapolates_search_cost_from_the_calibration_runs(monkeypatch, da
     """With a search whose cost is a known function of its settings, the estimate is that cost."""
     from types import SimpleNamespace
 
-    from robustnas import pipeline
+    from robustnas.app import pipeline
 
     def cost(cfg):  # set-up + per epoch + per batch
         return 3.0 + 2.0 * cfg.epochs + 0.5 * cfg.epochs * cfg.max_batches_per_epoch
@@ -181,7 +182,7 @@ def test_plan_extrapolates_search_cost_from_the_calibration_runs(monkeypatch, da
 def test_evaluate_takes_the_exact_interval_and_refuses_an_unknown_one(runs, tmp_path):
     import shutil
 
-    from robustnas.errors import UserError
+    from robustnas.core.errors import UserError
 
     run = tmp_path / "run"
     shutil.copytree(runs["weak"], run)
@@ -206,7 +207,7 @@ def test_compare_command_takes_labels_that_join_seeds(runs, tmp_path):
 def test_sequential_evaluation_stops_a_pair_once_its_interval_excludes_zero(runs, tmp_path):
     import shutil
 
-    from robustnas.pipeline import sequential_evaluation
+    from robustnas.app.pipeline import sequential_evaluation
 
     dirs = []
     for name in ("strong", "weak", "strong2"):

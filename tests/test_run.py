@@ -6,8 +6,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from robustnas.cli import app
-from robustnas.genotypes import load_genotype
+from robustnas.app.cli import app
+from robustnas.nets.genotypes import load_genotype
 
 
 def tiny_run_config(tmp_path, method="arnas"):
@@ -83,7 +83,7 @@ LRNAS = {"C": 4, "layers": 3, "partial_channels_k": 1, "batch_size": 32, "epochs
 
 
 def test_lrnas_run_trains_the_network_its_budget_counted_and_reports_contributions(tmp_path):
-    from robustnas.size import parse_count
+    from robustnas.core.config import parse_count
 
     cfg = _write(tmp_path, _base(tmp_path, "lrnas", LRNAS, {}))
     result = CliRunner().invoke(app, ["run", "--config", str(cfg), "--no-progress"])
@@ -137,8 +137,8 @@ def test_tamnas_run_refuses_final_cell_settings(tmp_path):
 # ----------------------------------------------------------------------------------------- epsilon and norm
 def test_an_l2_radius_above_one_trains_and_a_linf_one_is_refused(tmp_path):
     """An L2 radius may exceed 1 (2.0 on MNIST-sized images); a Linf one may not; nonsense never passes."""
-    from robustnas.config import AttackConfig, RunCommand, parse_eps, validate
-    from robustnas.errors import UserError
+    from robustnas.core.config import AttackConfig, RunCommand, parse_eps, validate
+    from robustnas.core.errors import UserError
 
     cfg = tmp_path / "l2.yaml"
     cfg.write_text(yaml.safe_dump({"train": {"attack": {"norm": "L2", "steps": 1}, "val_n": 32, "val_steps": 1},

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from robustnas.rundir import atomic_write, atomic_write_text, save_tensors
+from robustnas.core.rundir import atomic_write, atomic_write_text, save_tensors
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):

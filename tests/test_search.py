@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from robustnas.config import load_yaml, parse_eps
-from robustnas.errors import UserError
-from robustnas.genotypes import build_network, load_genotype
+from robustnas.core.config import load_yaml, parse_eps
+from robustnas.core.errors import UserError
+from robustnas.nets.genotypes import build_network, load_genotype
 from robustnas.search import STRATEGIES, SearchContext, Strategy, build_strategy, get_strategy
 from robustnas.search import supernet
 from robustnas.search.arnas import Arnas, gamma_summary, min_norm_two

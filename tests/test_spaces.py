@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 import robustnas
-from robustnas.arch import build_arch, model_from_spec
-from robustnas.data import load_dataset
-from robustnas.errors import UserError
-from robustnas.genotypes import build_network, genotype_from_dict, load_genotype
-from robustnas.spaces import SPACES, Space, get_space, register
+from robustnas.nets.arch import build_arch, model_from_spec
+from robustnas.data.datasets import load_dataset
+from robustnas.core.errors import UserError
+from robustnas.nets.genotypes import build_network, genotype_from_dict, load_genotype
+from robustnas.nets.spaces import SPACES, Space, get_space, register
 
 
 @dataclass(frozen=True)

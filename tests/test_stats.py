@@ -1,10 +1,10 @@
-"""robustnas.stats: intervals cover at their level on simulated data; McNemar is scipy's exact binomial test."""
+"""robustnas.core.stats: intervals cover at their level on simulated data; McNemar is scipy's exact binomial test."""
 
 import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from robustnas import stats
+from robustnas.core import stats
 
 
 @pytest.mark.parametrize("method", ["wilson", "exact"])

@@ -9,14 +9,14 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from robustnas.cli import app
-from robustnas.errors import UserError
-from robustnas.store import SCHEMA_VERSION, Archive, candidate_key, default_path, metric_value
+from robustnas.app.cli import app
+from robustnas.core.errors import UserError
+from robustnas.results.store import SCHEMA_VERSION, Archive, candidate_key, default_path, metric_value
 
 # a writer process: opens the archive, says "ready", waits for "go", then writes (see the tests)
 WRITER = r"""
 import sys
-from robustnas.store import Archive
+from robustnas.results.store import Archive
 path, tag, n, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 archive = Archive(path)
 print("ready", flush=True)

@@ -13,20 +13,20 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from robustnas.analysis import hrs
-from robustnas.arch import build_arch, channels_for_params
-from robustnas.attacks import accuracy
-from robustnas.cli import app
-from robustnas.config import SearchCommand, validate
-from robustnas.data import load_dataset
-from robustnas.ensemble import (FeatureEnsemble, LogitEnsemble, feature_ensemble, feature_ensemble_params, init_weights,
+from robustnas.evaluation.analysis import hrs
+from robustnas.nets.arch import build_arch, channels_for_params
+from robustnas.robustness.attacks import accuracy
+from robustnas.app.cli import app
+from robustnas.core.config import SearchCommand, validate
+from robustnas.data.datasets import load_dataset
+from robustnas.evaluation.ensemble import (FeatureEnsemble, LogitEnsemble, feature_ensemble, feature_ensemble_params, init_weights,
                                 split_classifier)
-from robustnas.errors import UserError
-from robustnas.genotypes import build_network, load_genotype
-from robustnas.rundir import load_model
-from robustnas.spaces.darts import PRIMITIVES, Genotype, random_genotype
-from robustnas.size import count_params
-from robustnas.study import StudyCommand, matched_member_params, run_study, sized_model
+from robustnas.core.errors import UserError
+from robustnas.nets.genotypes import build_network, load_genotype
+from robustnas.nets.arch import load_model
+from robustnas.nets.spaces.darts import PRIMITIVES, Genotype, random_genotype
+from robustnas.nets.size import count_params
+from robustnas.app.study import StudyCommand, matched_member_params, run_study, sized_model
 
 
 @pytest.fixture(scope="module")
@@ -320,7 +320,7 @@ def test_the_logit_ensemble_row_is_the_ensemble_of_the_saved_members(study):
 
 
 def test_a_study_model_directory_is_a_run_directory(study):
-    from robustnas.evaluate import evaluate_run
+    from robustnas.evaluation.evaluate import evaluate_run
 
     s = json.loads((study / "study.json").read_text())
     m = evaluate_run(study / "models" / "darts_v2", attacks=["fgsm"], n=40, device="cpu", progress=False)
@@ -354,8 +354,8 @@ def test_a_pickled_worker_reproduces_a_job(study, tmp_path):
     """What the pool and Ray executors rely on: the worker survives pickling and its job fixes its result."""
     import pickle
 
-    from robustnas.data import Dataset, Split
-    from robustnas.study import StudyWorker
+    from robustnas.data.datasets import Dataset, Split
+    from robustnas.app.study import StudyWorker
 
     s = json.loads((study / "study.json").read_text())
     row = next(m for m in s["models"] if m["name"] == "cnn")
@@ -397,7 +397,7 @@ def test_study_rejects_bad_settings_before_writing(tmp_path, change, message):
 
 # ------------------------------------------------------------------------------------------ random search
 def test_random_search_scores_its_draws_and_returns_the_best(tmp_path):
-    from robustnas.pipeline import search_run
+    from robustnas.app.pipeline import search_run
 
     settings = {"n": 3, "layers": 3, "C": 4, "train_n": 200, "chunk": 2,
                 "train": {"epochs": 1, "batch_size": 50, "adv": "fgsm-rs", "val_n": 50, "val_steps": 2,

@@ -10,13 +10,13 @@ import torch
 from safetensors.torch import load_file
 from pymoo.core.problem import Problem
 
-from robustnas.data import load_dataset
-from robustnas.errors import UserError
-from robustnas.executor import InProcessExecutor, make_executor
-from robustnas.rundir import read_json
+from robustnas.data.datasets import load_dataset
+from robustnas.core.errors import UserError
+from robustnas.core.executor import InProcessExecutor, make_executor
+from robustnas.core.rundir import read_json
 from robustnas.search import SearchContext, build_strategy
 from robustnas.search.nsga2 import make_operators, run_nsga2
-from robustnas.spaces.tiny import BLOCKS, SKIP, TinyGenotype, TinyNetwork, TinySpace, block_kind, network_from_spec
+from robustnas.nets.spaces.tiny import BLOCKS, SKIP, TinyGenotype, TinyNetwork, TinySpace, block_kind, network_from_spec
 
 SPACE = TinySpace()
 

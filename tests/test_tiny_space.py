@@ -7,10 +7,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from robustnas.errors import UserError
-from robustnas.models.base import Normalize
-from robustnas.size import count_params
-from robustnas.spaces.tiny import (BLOCKS, SKIP, STAGES, TinyBlock, TinyGenotype, TinyNetwork, TinySpace, TinySuperNet,
+from robustnas.core.errors import UserError
+from robustnas.nets.models.base import Normalize
+from robustnas.nets.size import count_params
+from robustnas.nets.spaces.tiny import (BLOCKS, SKIP, STAGES, TinyBlock, TinyGenotype, TinyNetwork, TinySpace, TinySuperNet,
                                    layer_frequencies, model_spec, network_from_spec, recalibrate_bn)
 
 MNIST = ((1, 28, 28), [0.3], [0.35])
@@ -177,7 +177,7 @@ def test_stride_one_blocks_add_a_channel_matched_shortcut(c_in, c_out):
 
 
 def test_bound_propagation_reads_extracted_subnets():
-    from robustnas.certify import crown_bounds, ibp_bounds
+    from robustnas.robustness.certify import crown_bounds, ibp_bounds
 
     net = supernet(((1, 8, 8), [0.3], [0.35]))
     perturb_bn(net)
@@ -315,8 +315,8 @@ def test_layer_frequencies_count_blocks_and_widths():
 
 
 def test_genotype_params_equals_counting_the_built_network():
-    from robustnas.size import count_params
-    from robustnas.spaces.tiny import TinyNetwork, TinySpace, genotype_params
+    from robustnas.nets.size import count_params
+    from robustnas.nets.spaces.tiny import TinyNetwork, TinySpace, genotype_params
 
     rng = np.random.default_rng(5)
     for width_mult, in_shape in ((1, (1, 28, 28)), (2, (3, 32, 32))):
@@ -328,7 +328,7 @@ def test_genotype_params_equals_counting_the_built_network():
 
 
 def test_shrink_lowers_the_parameter_count_until_no_change_can():
-    from robustnas.spaces.tiny import TinySpace, genotype_params
+    from robustnas.nets.spaces.tiny import TinySpace, genotype_params
 
     space, rng = TinySpace(), np.random.default_rng(2)
     for _ in range(3):

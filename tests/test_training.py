@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 
-from robustnas.attacks import accuracy, pgd, robust_accuracy
-from robustnas.config import TrainCommand, TrainConfig, validate
-from robustnas.data import load_dataset
-from robustnas.models import build_model
-from robustnas.pipeline import train_run
-from robustnas.rundir import load_model
-from robustnas.training import Trainer, lr_at
+from robustnas.robustness.attacks import accuracy, pgd, robust_accuracy
+from robustnas.core.config import TrainCommand, TrainConfig, validate
+from robustnas.data.datasets import load_dataset
+from robustnas.nets.models import build_model
+from robustnas.app.pipeline import train_run
+from robustnas.nets.arch import load_model
+from robustnas.training.trainer import Trainer, lr_at
 
 EPS = 0.1
 
@@ -113,7 +113,7 @@ def test_train_run_writes_a_complete_run_directory(tmp_path):
 
 
 def test_model_selection_defaults_to_clean_accuracy_under_standard_training():
-    from robustnas.config import TrainConfig
+    from robustnas.core.config import TrainConfig
 
     assert TrainConfig(adv="none").select == "clean"
     assert TrainConfig(adv="pgd").select == "robust"

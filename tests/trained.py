@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from robustnas.attacks import pgd
-from robustnas.models import build_model
+from robustnas.robustness.attacks import pgd
+from robustnas.nets.models import build_model
 
 EPS = 0.1
 

@@ -3,9 +3,9 @@ network trained briefly on digits. Usage: certify_speed.py C LAYERS N METHODS [E
 ibp,crown-ibp,crown:30,crown (crown:W = CROWN intermediate bounds with window W)."""
 import sys, time, torch
 torch.set_num_threads(1)
-from robustnas.data import load_dataset
-from robustnas.genotypes import build_network
-from robustnas.certify import certified_accuracy, certified_radius
+from robustnas.data.datasets import load_dataset
+from robustnas.nets.genotypes import build_network
+from robustnas.robustness.certify import certified_accuracy, certified_radius
 data = load_dataset("digits")
 m = data.meta
 torch.manual_seed(0)

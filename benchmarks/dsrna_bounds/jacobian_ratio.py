@@ -2,9 +2,9 @@
 Fashion-MNIST supernets (C=4, 3 cells)."""
 import torch
 torch.set_num_threads(1)
-from robustnas.data import load_dataset
-from robustnas.spaces.darts import SuperNet
-from robustnas.jacobian import jacobian_metric
+from robustnas.data.datasets import load_dataset
+from robustnas.nets.spaces.darts import SuperNet
+from robustnas.robustness.jacobian import jacobian_metric
 for name in ["digits", "fashion-mnist"]:
     data = load_dataset(name, subset=300)
     m = data.meta

@@ -3,9 +3,9 @@ IBP and CROWN-IBP. Usage: window.py C LAYERS N EPS WINDOWS(comma list, full) [DA
 with PYTHONPATH=. (docs/dsrna.md)."""
 import sys, time, torch
 torch.set_num_threads(1)
-from robustnas.data import load_dataset
-from robustnas.spaces.darts import SuperNet
-import robustnas.certify as cert
+from robustnas.data.datasets import load_dataset
+from robustnas.nets.spaces.darts import SuperNet
+import robustnas.robustness.certify as cert
 data = load_dataset(sys.argv[6] if len(sys.argv) > 6 else "digits", subset=500)
 m = data.meta
 torch.manual_seed(0)

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from robustnas.attacks import eval_mode
-from robustnas.errors import UserError
+from robustnas.robustness.attacks import eval_mode
+from robustnas.core.errors import UserError
 from robustnas.search.base import SearchContext, register
 from robustnas.search.supernet import SearchBatch, SupernetConfig, SupernetSearch, _flat
 

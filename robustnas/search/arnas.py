@@ -116,7 +116,7 @@ class Arnas(SupernetSearch):
 
     def report_sections(self, result: SearchResult, out: Path, meta: Any = None) -> list[str]:
         """gamma per alpha step: how often the multi-objective step is only the adversarial one."""
-        from robustnas.report import plot_gamma
+        from robustnas.core.plots import plot_gamma
 
         values = [v for h in result.history for v in h.get("gamma_steps", [])]
         if not values:

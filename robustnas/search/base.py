@@ -14,10 +14,10 @@ from typing import Any, Callable, ClassVar, Literal, Optional, Protocol, Union, 
 
 import torch
 
-from robustnas.config import Base, validate
-from robustnas.data import Dataset
-from robustnas.errors import UserError
-from robustnas.spaces.darts import Genotype
+from robustnas.core.config import Base, validate
+from robustnas.data.datasets import Dataset
+from robustnas.core.errors import UserError
+from robustnas.nets.spaces.darts import Genotype
 
 
 @dataclass
@@ -86,7 +86,7 @@ def register(cls: type) -> type:
         raise TypeError(f"{cls.__name__}: a search strategy needs a class attribute `name`")
     config = getattr(cls, "Config", None)
     if not (isinstance(config, type) and issubclass(config, Base)):
-        raise TypeError(f"{cls.__name__}: `Config` must be a robustnas.config.Base subclass")
+        raise TypeError(f"{cls.__name__}: `Config` must be a robustnas.core.config.Base subclass")
     if name in STRATEGIES and STRATEGIES[name] is not cls:
         raise TypeError(f"search strategy {name!r} is registered twice ({STRATEGIES[name].__name__}, {cls.__name__})")
     STRATEGIES[name] = cls

@@ -4,10 +4,10 @@ DARTS with a robustness metric R in the alpha objective: min_alpha L_val - gamma
 order by default (each metric may have its own weight: gamma_jacobian, gamma_cb). R is one of (METHODS.md
 section 4):
 
-- "jacobian": R_Jac = -(eps/K) * mean_x sum_k ||grad_x f_k(x)||_q (robustnas.jacobian), exact or by random
+- "jacobian": R_Jac = -(eps/K) * mean_x sum_k ||grad_x f_k(x)||_q (robustnas.robustness.jacobian), exact or by random
   projection;
 - "cb": R_CB = mean over the batch of the certified lower bound of the margin f_y - max_{j != y} f_j over
-  the eps-ball, propagated through the supernet (robustnas.certify; a MixedOp's bound is the
+  the eps-ball, propagated through the supernet (robustnas.robustness.certify; a MixedOp's bound is the
   softmax(alpha)-weighted sum of its ops' bounds, so the bound is differentiable in alpha); by default
   CROWN linear bounds with CROWN intermediate bounds on the first cb_n images (interval bounds, the
   old default, are vacuous on a deep supernet);
@@ -27,14 +27,14 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from robustnas.attacks import eval_mode
-from robustnas.certify import margin_lower_bound
-from robustnas.config import parse_eps
-from robustnas.errors import UserError
-from robustnas.jacobian import jacobian_metric
+from robustnas.robustness.attacks import eval_mode
+from robustnas.robustness.certify import margin_lower_bound
+from robustnas.core.config import parse_eps
+from robustnas.core.errors import UserError
+from robustnas.robustness.jacobian import jacobian_metric
 from robustnas.search.base import SearchContext, register
 from robustnas.search.supernet import SearchBatch, SupernetConfig, SupernetSearch
-from robustnas.training import epoch_seed
+from robustnas.training.trainer import epoch_seed
 
 
 def certified_bound_metric(model: nn.Module, x: Tensor, y: Tensor, eps: float, method: str = "crown",

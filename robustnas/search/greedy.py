@@ -11,11 +11,12 @@ from typing import Any, Literal, Optional, Sequence
 import torch
 from torch import Tensor
 
-from robustnas.data import DatasetMeta
-from robustnas.errors import UserError
-from robustnas.genotypes import build_network
-from robustnas.size import count_params, format_count, parse_count
-from robustnas.spaces.darts import PRIMITIVES, Genotype
+from robustnas.data.datasets import DatasetMeta
+from robustnas.core.errors import UserError
+from robustnas.nets.genotypes import build_network
+from robustnas.nets.size import count_params
+from robustnas.core.config import format_count, parse_count
+from robustnas.nets.spaces.darts import PRIMITIVES, Genotype
 
 
 @dataclass

@@ -44,18 +44,18 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from robustnas.config import ParamCount
-from robustnas.data import DatasetMeta
-from robustnas.ops import has_parameters
+from robustnas.core.config import ParamCount
+from robustnas.data.datasets import DatasetMeta
+from robustnas.nets.ops import has_parameters
 from robustnas.search.base import SearchContext, SearchResult, register
 from robustnas.search.greedy import GreedySelector, Selection, select_under_budget
 from robustnas.search.masked import SubsetAccuracy, auto_chunk, player_names
 from robustnas.search.shapley import (contribution_values, nested_values, random_orderings, removal_drops,
                                       summarise_contributions, zscore)
 from robustnas.search.supernet import SearchBatch, SupernetConfig, SupernetSearch
-from robustnas.size import parse_count
-from robustnas.spaces.darts import PRIMITIVES, Genotype, SuperNet
-from robustnas.training import epoch_seed
+from robustnas.core.config import parse_count
+from robustnas.nets.spaces.darts import PRIMITIVES, Genotype, SuperNet
+from robustnas.training.trainer import epoch_seed
 
 
 # ================================================================================================ alpha update
@@ -252,7 +252,7 @@ class Lrnas(SupernetSearch):
 
     def report_sections(self, result: SearchResult, out: Path, meta: DatasetMeta) -> list[str]:
         """Contributions per op type and per cell kind over epochs, and the selection at other budgets."""
-        from robustnas.report import plot_heatmaps, plot_series
+        from robustnas.core.plots import plot_heatmaps, plot_series
 
         lines: list[str] = []
         summary = summarise_contributions(result.history)

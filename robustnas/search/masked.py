@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustnas.attacks import fgsm
-from robustnas.spaces.darts import MixedOp, SearchCell, SuperNet, channel_shuffle
+from robustnas.robustness.attacks import fgsm
+from robustnas.nets.spaces.darts import MixedOp, SearchCell, SuperNet, channel_shuffle
 
 
 # ================================================================================================ players

@@ -28,9 +28,9 @@ from pymoo.core.sampling import Sampling
 from pymoo.indicators.hv import HV
 from pymoo.problems.static import StaticProblem
 
-from robustnas import analysis
-from robustnas.executor import Executor
-from robustnas.spaces.tiny import TinySpace
+from robustnas.evaluation import analysis
+from robustnas.core.executor import Executor
+from robustnas.nets.spaces.tiny import TinySpace
 
 OBJECTIVES = ("clean_err", "pgd_err", "size")  # size = params / params_scale
 

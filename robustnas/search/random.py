@@ -26,16 +26,17 @@ import torch
 from pydantic import Field, field_validator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from robustnas.analysis import hrs, search_decision
-from robustnas.config import ParamCount, TrainConfig
-from robustnas.data import Dataset, DatasetMeta
-from robustnas.errors import UserError
-from robustnas.executor import ExecutorSettings
-from robustnas.rundir import atomic_write_text
+from robustnas.evaluation.analysis import hrs, search_decision
+from robustnas.core.config import ParamCount, TrainConfig
+from robustnas.data.datasets import Dataset, DatasetMeta
+from robustnas.core.errors import UserError
+from robustnas.core.executor import ExecutorSettings
+from robustnas.core.rundir import atomic_write_text
 from robustnas.search.base import SearchContext, SearchResult, register
-from robustnas.size import count_params, parse_count
-from robustnas.spaces.darts import Genotype, random_genotype
-from robustnas.training import Trainer, epoch_seed
+from robustnas.nets.size import count_params
+from robustnas.core.config import parse_count
+from robustnas.nets.spaces.darts import Genotype, random_genotype
+from robustnas.training.trainer import Trainer, epoch_seed
 
 DEFAULT_C = 8
 MAX_DRAWS_PER_GENOTYPE = 50  # redraws allowed per kept genotype before the budget counts as unreachable
@@ -51,7 +52,7 @@ def sample_genotypes(n: int, rng: np.random.Generator | int, meta: DatasetMeta, 
     generator, so the kept set is still a pure function of the seed. Without one, every genotype gets `C`
     (default 8).
     """
-    from robustnas.arch import channels_for_params
+    from robustnas.nets.arch import channels_for_params
 
     if not isinstance(rng, np.random.Generator):
         rng = np.random.default_rng(rng)
@@ -108,7 +109,7 @@ class ProxyScorer:
     device: str
 
     def __call__(self, item: dict) -> dict:
-        from robustnas.genotypes import build_network
+        from robustnas.nets.genotypes import build_network
 
         t0 = time.perf_counter()
         meta = self.data.meta
@@ -159,7 +160,7 @@ class RandomSearch:
         genotype.source = (f"robustnas search --method random (draw {best['index']} of {len(items)}, seed "
                            f"{ctx.seed if cfg.seed is None else cfg.seed}, select {cfg.select})")
         if ctx.out_dir is not None:
-            from robustnas.genotypes import save_genotype
+            from robustnas.nets.genotypes import save_genotype
 
             save_genotype(genotype, ctx.out_dir / "genotype.json")
         return SearchResult(genotype=genotype, history=records, seconds=time.perf_counter() - t0,

@@ -28,17 +28,17 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from robustnas.analysis import search_decision
-from robustnas.attacks import accuracy, fgsm_rs, pgd, robust_accuracy
-from robustnas.config import Base, EpsText, parse_eps
-from robustnas.data import DatasetMeta
-from robustnas.errors import UserError
-from robustnas.genotypes import save_genotype
-from robustnas.rundir import atomic_write_text, save_tensors
+from robustnas.evaluation.analysis import search_decision
+from robustnas.robustness.attacks import accuracy, fgsm_rs, pgd, robust_accuracy
+from robustnas.core.config import Base, EpsText, parse_eps
+from robustnas.data.datasets import DatasetMeta
+from robustnas.core.errors import UserError
+from robustnas.nets.genotypes import save_genotype
+from robustnas.core.rundir import atomic_write_text, save_tensors
 from robustnas.search.base import SearchContext, SearchResult, checkpoint_meta
-from robustnas.spaces import get_space
-from robustnas.spaces.darts import SuperNet
-from robustnas.training import cosine_lr, epoch_seed, resolve_device
+from robustnas.nets.spaces import get_space
+from robustnas.nets.spaces.darts import SuperNet
+from robustnas.training.trainer import cosine_lr, epoch_seed, resolve_device
 
 CHECKPOINT = "search_checkpoint"  # .safetensors + .json; not "checkpoint": the Trainer owns that name in a run dir
 

@@ -23,19 +23,21 @@ import torch
 from pydantic import Field
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from robustnas.analysis import search_decision
-from robustnas.config import EpsText, ParamCount, TrainConfig
-from robustnas.data import Dataset
-from robustnas.errors import UserError
-from robustnas.executor import ExecutorSettings
-from robustnas.rundir import atomic_write_text, save_model, write_json
+from robustnas.evaluation.analysis import search_decision
+from robustnas.core.config import EpsText, ParamCount, TrainConfig
+from robustnas.data.datasets import Dataset
+from robustnas.core.errors import UserError
+from robustnas.core.executor import ExecutorSettings
+from robustnas.core.rundir import atomic_write_text, write_json
+from robustnas.nets.arch import save_model
 from robustnas.search.base import SearchContext, SearchResult, checkpoint_meta, register
 from robustnas.search.nsga2 import OBJECTIVES, pareto_front, run_nsga2
 from robustnas.search.tiny_supernet import SubnetScorer, SupernetTrainer, scoring_images
-from robustnas.size import count_params, parse_count
-from robustnas.spaces.tiny import (TinyGenotype, TinyNetwork, TinySuperNet, genotype_params, layer_frequencies,
+from robustnas.nets.size import count_params
+from robustnas.core.config import parse_count
+from robustnas.nets.spaces.tiny import (TinyGenotype, TinyNetwork, TinySuperNet, genotype_params, layer_frequencies,
                                    model_spec, recalibrate_bn)
-from robustnas.training import Trainer, epoch_seed, resolve_device
+from robustnas.training.trainer import Trainer, epoch_seed, resolve_device
 
 CHECKPOINT = "search_checkpoint"  # .safetensors (supernet, optimizer) + .json (progress, NSGA-II state)
 
@@ -194,7 +196,7 @@ class TamNas:
     def report_sections(self, result: SearchResult, out, meta=None) -> list[str]:
         """The front per generation, hypervolume per generation, the first front's layer-by-layer block
         and width frequencies, and the fine-tuned / from-scratch front members when trained."""
-        from robustnas.report import plot_fronts, plot_heatmaps, plot_series
+        from robustnas.core.plots import plot_fronts, plot_heatmaps, plot_series
 
         gens = [h for h in result.history if h.get("phase") == "nsga2"]
         lines = ["## TAM-NAS search", ""]

@@ -28,13 +28,13 @@ from rich.progress import Progress
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from robustnas.attacks import accuracy, fgsm_rs, pgd, robust_accuracy
-from robustnas.config import parse_eps
-from robustnas.data import Dataset
-from robustnas.rundir import save_tensors
-from robustnas.size import count_params
-from robustnas.spaces.tiny import TinySuperNet, recalibrate_bn
-from robustnas.training import cosine_lr, epoch_seed
+from robustnas.robustness.attacks import accuracy, fgsm_rs, pgd, robust_accuracy
+from robustnas.core.config import parse_eps
+from robustnas.data.datasets import Dataset
+from robustnas.core.rundir import save_tensors
+from robustnas.nets.size import count_params
+from robustnas.nets.spaces.tiny import TinySuperNet, recalibrate_bn
+from robustnas.training.trainer import cosine_lr, epoch_seed
 
 
 def encoding_seed(seed: int, encoding: Sequence[int]) -> int:

@@ -1,0 +1,540 @@
+"""The commands' work, end to end, so that the CLI only parses: `train_run` (dataset -> model -> Trainer -> run dir)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+from rich.console import Console
+
+from robustnas.nets.arch import build_arch
+from robustnas.robustness.attacks import accuracy, pgd, robust_accuracy
+from robustnas.core.config import BenchmarkCommand, DataConfig, RunCommand, SearchCommand, TrainCommand, TrainConfig, format_eps, parse_eps, to_yaml
+from robustnas.data.datasets import Dataset, load_dataset
+from robustnas.core.errors import UserError
+from robustnas.core.rundir import atomic_write_text, read_json, write_json
+from robustnas.nets.arch import save_model
+from robustnas.nets.size import count_flops, count_params
+from robustnas.core.config import parse_count
+from robustnas.training.trainer import Trainer, resolve_device
+
+
+def load_data(cfg: DataConfig, seed: int) -> Dataset:
+    """The configured dataset, or its fallback (with a warning) when it is not installed."""
+    kw = dict(data_dir=cfg.data_dir, val_size=cfg.val_size, subset=cfg.subset, seed=seed)
+    try:
+        return load_dataset(cfg.dataset, **kw)
+    except UserError as e:
+        if not cfg.fallback:
+            raise
+        Console(stderr=True).print(f"[yellow]warning:[/] {e} -- using {cfg.fallback} instead", highlight=False)
+        return load_dataset(cfg.fallback, **kw)
+
+
+def default_run_name(cmd: TrainCommand) -> str:
+    return f"{cmd.model.arch.replace('/', '_').removesuffix('.json')}-{cmd.data.dataset}-{cmd.train.adv}-s{cmd.seed}"
+
+
+def train_run(cmd: TrainCommand, resume: bool = False, progress: bool = True) -> dict:
+    """Train one architecture as `cmd` says; write the run directory; return its metrics."""
+    # everything that can be wrong with the input is checked before the run directory exists
+    device = resolve_device(cmd.device)
+    data = load_data(cmd.data, cmd.seed)
+    cmd = resolved(cmd, data)
+    parse_eps(cmd.train.attack.eps)  # a bad eps fails here, before the run directory exists
+    torch.manual_seed(cmd.seed)
+    params = parse_count(cmd.model.params) if cmd.model.params else None
+    model, spec = build_arch(cmd.model.arch, data.meta, params=params, width=cmd.model.width,
+                             C=cmd.model.C, layers=cmd.model.layers)
+    out = Path(cmd.out) if cmd.out else Path("runs") / (cmd.name or default_run_name(cmd))
+    check_new_run_dir(out, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", to_yaml(cmd))
+    return train_into(out, model, spec, data, cmd.train, seed=cmd.seed, device=device, resume=resume,
+                      progress=progress, test_n=cmd.test_n, test_pgd_steps=cmd.test_pgd_steps)
+
+
+def resolved(cmd, data: Dataset):
+    """The settings as they were really used: the dataset actually loaded (after any fallback) and its eps."""
+    cmd = cmd.model_copy(deep=True)
+    cmd.data.dataset, cmd.data.fallback = data.meta.name, None
+    if cmd.train.attack.eps is None:
+        cmd.train.attack.eps = data.meta.eps
+    return cmd
+
+
+def check_new_run_dir(out: Path, resume: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise UserError(f"run directory {out} already exists: pass --resume to continue it, or another --out")
+
+
+def train_into(out: Path, model: torch.nn.Module, spec: dict, data: Dataset, train: TrainConfig, seed: int,
+               device: torch.device, resume: bool = False, progress: bool = True, test_n: int = 1000,
+               test_pgd_steps: int = 20) -> dict:
+    """Train `model` with the Trainer into run directory `out`; save weights, log and a first metrics.json
+    with clean and PGD accuracy on `test_n` test images (0: none, for callers that run evaluate_run next)."""
+    eps = parse_eps(train.attack.eps)
+    trainer = Trainer(model, data, train, eps, seed=seed, device=device, out_dir=out, progress=progress)
+    t0 = time.perf_counter()
+    result = trainer.fit(resume=resume)
+    train_seconds = time.perf_counter() - t0
+    save_model(out, model, spec)
+    atomic_write_text(out / "train.jsonl", "".join(json.dumps(asdict(h)) + "\n" for h in result.history))
+
+    metrics: dict = {"dataset": data.meta.name, "eps": format_eps(eps), "norm": train.attack.norm}
+    n = min(test_n, len(data.test.x))
+    if n > 0:
+        x, y = data.test.x[:n].to(device), data.test.y[:n].to(device)
+        torch.manual_seed(seed)
+        rob = robust_accuracy(model, x, y, lambda xb, yb: pgd(model, xb, yb, eps, steps=test_pgd_steps,
+                                                              norm=train.attack.norm))
+        metrics.update({"n": n, "clean_acc": accuracy(model, x, y), "robust_acc": {f"pgd{test_pgd_steps}": rob}})
+    metrics.update({
+        "params": count_params(model), "flops": count_flops(model, data.meta.shape),
+        "train": {"adv": train.adv, "epochs": train.epochs, "best_epoch": result.best_epoch,
+                  "best_val_clean": result.best_val_clean, "best_val_robust": result.best_val_robust,
+                  "seconds": train_seconds},
+    })
+    write_json(out / "metrics.json", metrics)
+    metrics["run_dir"] = str(out)
+    return metrics
+
+
+def search_run(cmd: SearchCommand, resume: bool = False, progress: bool = True):
+    """Run one search method; write search.jsonl and genotype.json into the output directory."""
+    from robustnas.search import SearchContext, build_strategy
+
+    device = resolve_device(cmd.device)
+    data = load_data(cmd.data, cmd.seed)
+    cmd = cmd.model_copy(deep=True)
+    cmd.data.dataset, cmd.data.fallback = data.meta.name, None
+    eps = parse_eps(cmd.attack.eps if cmd.attack.eps is not None else data.meta.eps)
+    cmd.attack.eps = format_eps(eps)
+    strategy = build_strategy(cmd.method, cmd.search)
+    out = Path(cmd.out) if cmd.out else Path("runs") / (cmd.name or f"search-{cmd.method}-{data.meta.name}-s{cmd.seed}")
+    check_new_run_dir(out, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", to_yaml(cmd))
+    torch.manual_seed(cmd.seed)
+    ctx = SearchContext(data=data, eps=eps, norm=cmd.attack.norm, device=device, seed=cmd.seed, out_dir=out,
+                        progress=progress)
+    result = strategy.search(ctx, resume=resume)
+    _save_genotype(out, result.genotype)
+    write_json(out / "decision.json", result.decision)
+    return result, out
+
+
+def _save_genotype(out: Path, genotype) -> Path:
+    from robustnas.core.rundir import write_json
+
+    if isinstance(genotype, dict):
+        write_json(out / "genotype.json", genotype)
+    else:
+        from robustnas.nets.genotypes import save_genotype
+
+        save_genotype(genotype, out / "genotype.json")
+    return out / "genotype.json"
+
+
+def archive_evaluation(kind: str, out: Path, metrics: dict, config: dict, method: Optional[str] = None,
+                       cost_s: Optional[float] = None) -> None:
+    """Record a finished, evaluated run in the workspace's results archive (store.py), keyed by its run
+    directory and metrics so a re-evaluation is a new row. The run's own files stay the record: a failure
+    to write the archive is a warning, not a lost run. ROBUSTNAS_ARCHIVE=off turns archiving off."""
+    import os
+    import sqlite3
+
+    from robustnas.results.store import ENV, Archive, candidate_key
+
+    if os.environ.get(ENV, "").lower() in ("off", "0", "none"):
+        return
+    spec = read_json(out / "model.json") if (out / "model.json").is_file() else {}
+    genotype = spec.get("genotype")
+    space = genotype.get("space", "darts") if genotype is not None else f"handcrafted:{spec.get('config', {}).get('name')}"
+    try:
+        with Archive() as db:
+            rid = db.add_run(kind, method=method, config=config, run_dir=str(out), status="done")
+            db.add_evaluation(metrics, run_id=rid, key=candidate_key(str(out.resolve()), metrics), name=out.name,
+                              space=space, genotype=genotype,
+                              recipe=config.get("train"), cost_s=cost_s)
+    except (sqlite3.Error, OSError, UserError) as e:
+        Console(stderr=True).print(f"[yellow]warning:[/] results archive not written: {e}", highlight=False)
+
+
+def train_evaluate(out: Path, arch: str, data: Dataset, cmd, device: torch.device, resume: bool = False,
+                   progress: bool = True, method: Optional[str] = None, record: Optional[dict] = None,
+                   **size) -> dict:
+    """Build `arch` (build_arch's `size` keywords: params / at_most, or C / layers / reduction_layers),
+    train it with `cmd`'s recipe and evaluate it with `cmd`'s attacks into `out`, and archive it (with
+    `record` added to its config): a run's hand-crafted baseline, or a network trained beside a search."""
+    from robustnas.evaluation.evaluate import evaluate_run
+
+    check_new_run_dir(out, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", to_yaml(cmd))
+    torch.manual_seed(cmd.seed)
+    model, spec = build_arch(arch, data.meta, **size)
+    train_into(out, model, spec, data, cmd.train, seed=cmd.seed, device=device, resume=resume,
+               progress=progress, test_n=0)  # evaluate_run measures the test set next
+    ev = cmd.evaluate
+    metrics = evaluate_run(out, attacks=ev.attacks, n=ev.n, batch_size=ev.batch_size, certify=ev.certify,
+                           device=str(device), seed=cmd.seed, progress=progress, interval=ev.interval)
+    archive_evaluation("train", out, metrics, {**cmd.model_dump(mode="json"), "arch": arch, **(record or {})},
+                       method=method)
+    return metrics
+
+
+def final_network_size(cmd: RunCommand, strategy) -> dict:
+    """build_arch's size keywords for the searched network: the method's own when its search fixed them
+    (Strategy.final_size), else the `final:` settings. A clash is an error before anything runs."""
+    given = {"C": cmd.final.C, "layers": cmd.final.layers,
+             "params": parse_count(cmd.final.params) if cmd.final.params else None,
+             "reduction_layers": cmd.final.reduction_layers}
+    fixed = strategy.final_size() if hasattr(strategy, "final_size") else None
+    if fixed is None:
+        return given
+    for key, value in given.items():
+        if value is not None and fixed.get(key) != value:
+            want = (f"the search fixes {key}={fixed[key]}" if key in fixed
+                    else f"method {cmd.method} fixes the final network's size itself")
+            raise UserError(f"final.{key}={value} clashes with the search: {want}; remove final.{key} "
+                            f"(or change the method's own setting)")
+    return dict(fixed)
+
+
+def run_pipeline(cmd: RunCommand, resume: bool = False, progress: bool = True) -> dict:
+    """search -> train the derived network -> evaluate -> the same for a hand-crafted baseline -> report."""
+    import shutil
+
+    from robustnas.evaluation.evaluate import evaluate_run, get_attack
+    from robustnas.search import SearchContext, build_strategy
+
+    device = resolve_device(cmd.device)
+    data = load_data(cmd.data, cmd.seed)
+    cmd = resolved(cmd, data)
+    eps = parse_eps(cmd.train.attack.eps)
+    strategy = build_strategy(cmd.method, cmd.search)
+    for a in cmd.evaluate.attacks:
+        get_attack(a)
+    if cmd.baseline.arch is not None:
+        from robustnas.nets.models import list_models
+
+        if cmd.baseline.arch not in list_models():
+            raise UserError(f"baseline.arch {cmd.baseline.arch!r} is not a hand-crafted model; "
+                            f"use one of {', '.join(list_models())}")
+    final_kw = final_network_size(cmd, strategy)
+    out = Path(cmd.out) if cmd.out else Path("runs") / cmd.name
+    check_new_run_dir(out, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", to_yaml(cmd))
+
+    # 1. search
+    torch.manual_seed(cmd.seed)
+    ctx = SearchContext(data=data, eps=eps, norm=cmd.train.attack.norm, device=device, seed=cmd.seed,
+                        out_dir=out / "search", progress=progress)
+    t0 = time.perf_counter()
+    result = strategy.search(ctx, resume=resume)
+    search_seconds = time.perf_counter() - t0
+    genotype_path = _save_genotype(out, result.genotype)
+    if (out / "search" / "search.jsonl").exists():
+        shutil.copyfile(out / "search" / "search.jsonl", out / "search.jsonl")
+
+    # 2. train and 3. evaluate the searched network
+    torch.manual_seed(cmd.seed)
+    model, spec = build_arch(str(genotype_path), data.meta, **final_kw)
+    ev = cmd.evaluate
+    train_into(out, model, spec, data, cmd.train, seed=cmd.seed, device=device, resume=resume,
+               progress=progress, test_n=0)  # evaluate_run measures the test set next
+    searched = evaluate_run(out, attacks=ev.attacks, n=ev.n, batch_size=ev.batch_size, certify=ev.certify,
+                            device=str(device), seed=cmd.seed, progress=progress, interval=ev.interval)
+    searched["search_seconds"] = search_seconds
+    searched["search_method"] = cmd.method
+    searched["search_decision"] = result.decision
+
+    # 4. the hand-crafted baseline at the same parameter count, same recipe and attacks
+    baseline = None
+    if cmd.baseline.arch is not None:
+        baseline = train_evaluate(out / "baseline", cmd.baseline.arch, data, cmd, device, resume=resume,
+                                  progress=progress, params=count_params(model))
+
+    from robustnas.results.report import write_search_run_report
+
+    write_search_run_report(out, cmd, result, searched, baseline, strategy=strategy, meta=data.meta)
+    write_json(out / "metrics.json", searched)  # last: its search_seconds marks the run as finished
+    archive_evaluation("run", out, searched, cmd.model_dump(mode="json"), method=cmd.method, cost_s=search_seconds)
+    searched["run_dir"] = str(out)
+    if baseline is not None:
+        searched["baseline"] = baseline
+    return searched
+
+
+def _finished(out: Path, key: str) -> bool:
+    """A run whose metrics.json holds `key`, written by its last step: a benchmark never redoes it."""
+    return (out / "metrics.json").is_file() and key in read_json(out / "metrics.json")
+
+
+def benchmark_run(cmd: BenchmarkCommand, resume: bool = False, progress: bool = True) -> dict:
+    """Every method in `cmd.methods` through `run_pipeline` and every hand-crafted baseline through
+    `train_evaluate`, all at `cmd.budget` final parameters with one recipe, then one comparison report.
+
+    A DARTS-space method's final network gets the C that meets the budget; a method whose search fixes
+    the final size (LRNAS, TAM-NAS) gets the budget as its own `max_params` instead. Finished members
+    (metrics.json written by their last step) are skipped, so an interrupted benchmark continues with
+    --resume, and a member added to the config later is paired with the stored per-image results of the
+    others without attacking them again. With several `seeds` every member is searched and trained once
+    per seed (`<member>-s<seed>/`) and the comparison treats the seeds as one member."""
+    from robustnas.results.compare import compare_runs
+    from robustnas.evaluation.evaluate import get_attack
+    from robustnas.nets.models import list_models
+    from robustnas.search import build_strategy
+
+    if not cmd.methods and not cmd.baselines:
+        raise UserError("the benchmark config lists no methods and no baselines")
+    budget = parse_count(cmd.budget)
+    for a in cmd.evaluate.attacks:
+        get_attack(a)
+    for arch in cmd.baselines:
+        if arch not in list_models():
+            raise UserError(f"baseline {arch!r} is not a hand-crafted model; use one of {', '.join(list_models())}")
+    seeds = cmd.seed_list()
+    out = Path(cmd.out) if cmd.out else Path("runs") / cmd.name
+    chunk = cmd.sequential_chunk
+    first_eval = cmd.evaluate.model_copy(update={"n": min(chunk, cmd.evaluate.n)}) if chunk else cmd.evaluate
+
+    def member_dir(name: str, seed: int) -> Path:  # one seed keeps the layout of single-seed benchmarks
+        return out / (name if len(seeds) == 1 else f"{name}-s{seed}")
+
+    runs: list[tuple[str, RunCommand]] = []
+    for method, settings in cmd.methods.items():
+        settings = dict(settings or {})
+        strategy = build_strategy(method, settings)
+        fixes_size = hasattr(strategy, "final_size")
+        if fixes_size and "max_params" in type(strategy.cfg).model_fields:
+            settings.setdefault("max_params", cmd.budget)
+            strategy = build_strategy(method, settings)
+        final = {} if fixes_size else {"params": cmd.budget, "layers": cmd.layers,
+                                       "reduction_layers": cmd.reduction_layers}
+        for seed in seeds:
+            rc = RunCommand(name=method, seed=seed, device=cmd.device, out=str(member_dir(method, seed)),
+                            data=cmd.data, method=method, search=settings, final=final, train=cmd.train,
+                            evaluate=first_eval, baseline={"arch": None})
+            final_network_size(rc, strategy)  # a clash is reported before anything runs
+            runs.append((method, rc))
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise UserError(f"benchmark directory {out} already exists: pass --resume to continue it, or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", to_yaml(cmd))
+
+    dirs, labels = [], []
+    for method, rc in runs:
+        run_out = Path(rc.out)
+        if not _finished(run_out, "search_seconds"):
+            run_pipeline(rc, resume=resume or run_out.exists(), progress=progress)
+        dirs.append(run_out)
+        labels.append(method)
+    if cmd.baselines:
+        device = resolve_device(cmd.device)
+        for seed in seeds:
+            data = load_data(cmd.data, seed)
+            rc = resolved(RunCommand(name="baseline", seed=seed, device=cmd.device, data=cmd.data,
+                                     train=cmd.train, evaluate=first_eval), data)
+            for arch in cmd.baselines:
+                bout = member_dir(f"baseline-{arch}", seed)
+                if not _finished(bout, "reliable"):
+                    train_evaluate(bout, arch, data, rc, device, resume=resume or bout.exists(), progress=progress,
+                                   params=budget, at_most=True)
+                dirs.append(bout)
+                labels.append(f"{arch} (hand-crafted)")
+    stops = None
+    if chunk:
+        stops = sequential_evaluation(dirs, labels, chunk, cmd.evaluate.n, batch_size=cmd.evaluate.batch_size,
+                                      device=cmd.device, seed=cmd.seed)
+    return compare_runs(dirs, out, labels, title=f"{cmd.name}: every method at {cmd.budget} parameters",
+                        sequential=stops)
+
+
+def sequential_evaluation(dirs: list[Path], labels: list[str], chunk: int, max_n: int, batch_size: int = 256,
+                          device: str = "auto", seed: int = 0) -> list[dict]:
+    """Grow the members' per-image results `chunk` test images at a time (evaluate.extend_per_image) while
+    some pair's interval still holds zero and it has fewer than `max_n` images; a pair whose interval
+    excludes zero stops (early), as does one at `max_n` or out of test images. Returns each pair's stop:
+    {"a", "b", "n", "early", "why"}."""
+    from robustnas.results.compare import load_entry, paired_analysis
+    from robustnas.evaluation.evaluate import extend_per_image, read_per_image
+
+    stops: dict[tuple[str, str], dict] = {}
+    rows = {d: len(read_per_image(d)["index"]) for d in dirs}
+    while True:
+        paired = paired_analysis([load_entry(d, lab) for d, lab in zip(dirs, labels)])
+        grow: set[str] = set()
+        for pr in paired["pairs"]:
+            key = tuple(sorted((pr["a"], pr["b"])))
+            if key in stops:
+                continue
+            if pr["excludes_zero"]:
+                stops[key] = {"a": key[0], "b": key[1], "n": pr["n"], "early": pr["n"] < max_n,
+                              "why": f"its interval [{pr['low']:+.3f}, {pr['high']:+.3f}] excludes zero"}
+            elif pr["n"] >= max_n:
+                stops[key] = {"a": key[0], "b": key[1], "n": pr["n"], "early": False,
+                              "why": f"reached the maximum n={max_n} with zero inside its interval"}
+            else:
+                grow |= {pr["a"], pr["b"]}
+        todo = [d for d, lab in zip(dirs, labels) if lab in grow and rows[d] < max_n]
+        grown = False
+        for d in todo:
+            before = rows[d]
+            rows[d] = extend_per_image(d, min(chunk, max_n - rows[d]), batch_size=batch_size, device=device,
+                                       seed=seed)
+            grown |= rows[d] > before
+        if not grown:
+            break
+    for pr in paired["pairs"]:
+        key = tuple(sorted((pr["a"], pr["b"])))
+        stops.setdefault(key, {"a": key[0], "b": key[1], "n": pr["n"], "early": pr["n"] < max_n,
+                               "why": "the test set has no more images"})
+    return list(stops.values())
+
+
+# ------------------------------------------------------------------------------------------ benchmark --plan
+PLAN_KNOBS = ("epochs", "max_batches_per_epoch", "generations", "n")  # a search's cost grows with these
+
+
+def _timed(fn, *args, **kw) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn(*args, **kw)
+    return time.perf_counter() - t0, out
+
+
+def calibrate_search(method: str, settings: dict, data: Dataset, eps: float, norm: str, device, seed: int,
+                     tmp: Path) -> tuple[float, object, object]:
+    """Estimated seconds of a method's search: timed at 1 of each cost knob it has (epochs, batches per
+    epoch, generations, candidates; warm-up stages off; after one untimed run), then once per knob at up to
+    4; the costs are taken as additive (batches multiply with epochs) and extrapolated to the real settings.
+    Returns the estimate, the calibration search's genotype and the real strategy."""
+    from robustnas.search import SearchContext, build_strategy
+
+    strategy = build_strategy(method, settings)
+    cfg, fields = strategy.cfg, type(strategy.cfg).model_fields
+    knobs = [k for k in PLAN_KNOBS if k in fields]
+    off = {k: 0 for k in fields if k.endswith("warmup_epochs") or k == "adv_only_epochs"}  # every warm-up stage
+    base = {**settings, **{k: 1 for k in knobs}, **off}
+
+    def run(over: dict, tag: str):
+        ctx = SearchContext(data=data, eps=eps, norm=norm, device=device, seed=seed, out_dir=tmp / f"{method}-{tag}",
+                            progress=False)
+        torch.manual_seed(seed)
+        return _timed(build_strategy(method, {**base, **over}).search, ctx)
+
+    epochs = getattr(cfg, "epochs", 1)
+    per_epoch = getattr(cfg, "max_batches_per_epoch", None) or math.ceil(
+        len(data.train) * getattr(cfg, "train_portion", 1.0) / getattr(cfg, "batch_size", 1))
+    real = {"epochs": epochs, "max_batches_per_epoch": per_epoch, "generations": getattr(cfg, "generations", 1),
+            "n": getattr(cfg, "n", 1)}
+    run({}, "warmup")  # first calls (imports, allocations) would count as set-up cost
+    t0, result = run({}, "base")
+    slope = {}
+    for k in knobs:  # a step of up to 3 lifts the knob's cost above the timing noise
+        step = min(real[k], 4) - 1
+        slope[k] = max(run({k: step + 1}, k)[0] - t0, 0.0) / step if step > 0 else 0.0
+    # an epoch step adds an epoch of one batch; the other batches come with every epoch
+    extra = {"epochs": epochs - 1, "max_batches_per_epoch": epochs * (per_epoch - 1),
+             "generations": real["generations"] - 1, "n": real["n"] - 1}
+    est = t0 + sum(slope[k] * extra[k] for k in knobs)
+    return est, result.genotype, strategy
+
+
+def calibrate_train(model: torch.nn.Module, data: Dataset, train: TrainConfig, eps: float, device, seed: int) -> float:
+    """Estimated seconds of training `model` with `train`: one epoch timed on 2 and on 4 batches gives the
+    cost of a batch and of the per-epoch validation."""
+    from robustnas.data.datasets import Dataset as DS
+
+    cfg = train.model_copy(update={"epochs": 1})
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    times = []
+    for k in (2, 4):
+        model.load_state_dict(state)
+        part = DS(meta=data.meta, train=data.train.head(k * cfg.batch_size), val=data.val, test=data.test)
+        times.append(_timed(Trainer(model, part, cfg, eps, seed=seed, device=device, progress=False).fit)[0])
+    model.load_state_dict(state)
+    per_batch = max(times[1] - times[0], 0.0) / 2
+    per_val = max(times[0] - 2 * per_batch, 0.0)
+    return train.epochs * (math.ceil(len(data.train) / train.batch_size) * per_batch + per_val)
+
+
+def calibrate_attack(model: torch.nn.Module, data: Dataset, cmd: BenchmarkCommand, eps: float, device, seed: int,
+                     m: int = 50) -> float:
+    """Estimated seconds of `evaluate` on cmd.evaluate.n images: the whole evaluation (attacks, sanity checks,
+    certification) timed on m images and scaled by n / m (the sanity checks' capped extra attacks make this
+    an upper estimate past 200 images)."""
+    from robustnas.evaluation.evaluate import evaluate_model
+
+    ev = cmd.evaluate
+    m = min(m, ev.n, len(data.test))
+    t, _ = _timed(evaluate_model, model, data.test.x[:m], data.test.y[:m], eps, attacks=ev.attacks,
+                  norm=cmd.train.attack.norm, certify=ev.certify, batch_size=ev.batch_size, device=device, seed=seed,
+                  progress=False, sanity_n=m)
+    return t * ev.n / m
+
+
+def benchmark_plan(cmd: BenchmarkCommand, discordance: float = 0.2, seed_sd: float = 0.0, alpha: float = 0.05,
+                   power: float = 0.8) -> dict:
+    """Before any work: each member's estimated wall time on this machine (search, training, attack, times the
+    seeds) from short timed calibrations, and the smallest AutoAttack difference between two members that the
+    chosen test images and seeds detect with `power` (stats.detectable_difference; `discordance` and `seed_sd`
+    are assumptions the user states). Writes nothing under the benchmark's directory."""
+    import tempfile
+
+    from robustnas.evaluation.evaluate import get_attack
+    from robustnas.nets.models import list_models
+    from robustnas.core.stats import detectable_difference
+
+    for a in cmd.evaluate.attacks:
+        get_attack(a)
+    for arch in cmd.baselines:
+        if arch not in list_models():
+            raise UserError(f"baseline {arch!r} is not a hand-crafted model; use one of {', '.join(list_models())}")
+    device = resolve_device(cmd.device)
+    data = load_data(cmd.data, cmd.seed)
+    eps = parse_eps(cmd.train.attack.eps if cmd.train.attack.eps is not None else data.meta.eps)
+    budget = parse_count(cmd.budget)
+    seeds = cmd.seed_list()
+    members = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for method, settings in cmd.methods.items():
+            from robustnas.search import build_strategy
+
+            settings = dict(settings or {})
+            strategy = build_strategy(method, settings)
+            if hasattr(strategy, "final_size") and "max_params" in type(strategy.cfg).model_fields:
+                settings.setdefault("max_params", cmd.budget)
+            search_s, genotype, strategy = calibrate_search(method, settings, data, eps, cmd.train.attack.norm,
+                                                            device, cmd.seed, tmp)
+            final = {} if hasattr(strategy, "final_size") else {"params": cmd.budget, "layers": cmd.layers,
+                                                                 "reduction_layers": cmd.reduction_layers}
+            rc = RunCommand(name=method, method=method, search=settings, final=final)
+            torch.manual_seed(cmd.seed)
+            model, _ = build_arch(str(_save_genotype(tmp / f"{method}-base", genotype)), data.meta,
+                                  **final_network_size(rc, strategy))
+            members.append({"label": method, "search_s": search_s, "model": model})
+        for arch in cmd.baselines:
+            torch.manual_seed(cmd.seed)
+            model, _ = build_arch(arch, data.meta, params=budget, at_most=True)
+            members.append({"label": f"{arch} (hand-crafted)", "search_s": 0.0, "model": model})
+        for mem in members:
+            model = mem.pop("model")
+            mem["params"] = count_params(model)
+            mem["train_s"] = calibrate_train(model, data, cmd.train, eps, device, cmd.seed)
+            mem["attack_s"] = calibrate_attack(model, data, cmd, eps, device, cmd.seed)
+            mem["seeds"] = len(seeds)
+            mem["total_s"] = len(seeds) * (mem["search_s"] + mem["train_s"] + mem["attack_s"])
+    n = cmd.evaluate.n
+    detect = {k: detectable_difference(k, len(seeds), discordance, seed_sd, alpha, power) for k in (n, 2 * n, 4 * n)}
+    return {"members": members, "total_s": sum(m["total_s"] for m in members), "n": n, "seeds": seeds,
+            "detectable": detect, "assumed": {"discordance": discordance, "seed_sd": seed_sd},
+            "alpha": alpha, "power": power, "device": str(device)}

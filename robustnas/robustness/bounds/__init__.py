@@ -1,0 +1,6 @@
+"""Bound propagation internals for `robustnas.robustness.certify`: fx tracing + intervals (graph.py), CROWN (crown.py)."""
+
+from robustnas.robustness.bounds.crown import backward_lower, tighten
+from robustnas.robustness.bounds.graph import BoundGraph, Step, TracedModel
+
+__all__ = ["BoundGraph", "Step", "TracedModel", "backward_lower", "tighten"]
