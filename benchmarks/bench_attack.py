@@ -149,7 +149,7 @@ def main() -> None:
     result = run_autoattack(model, xa, ya, eps, seed=0, batch_size=250)
     sync()
     seconds = time.perf_counter() - t0
-    print(f"AutoAttack (standard, Linf eps {eps:g}) on {what}: clean {clean:.3f}, robust {result.robust_acc:.3f}")
+    print(f"AutoAttack (standard, Linf eps {eps:g}) on {what}: clean {clean:.3f}, robust {result.accuracy:.3f}")
     print("  components (cumulative robust accuracy): "
           + ", ".join(f"{k} {v:.3f}" for k, v in result.components.items()))
     times = [line.split("robust accuracy after ")[1] for line in result.log if "robust accuracy after " in line]

@@ -260,7 +260,7 @@ def test_study_reports_every_architecture_and_ensemble(study, digits):
     assert s["eps"] == ["0.05", "0.2"] and s["attacks"] == ["fgsm", "pgd20"]
     for r in s["models"] + s["ensembles"]:
         for e in s["eps"]:
-            acc = r["robust_acc"][e]
+            acc = r["robust_acc_by_eps"][e]
             assert set(acc) == {"fgsm", "pgd20"}
             # robust means right clean and attacked; worst means robust to both attacks
             assert r["worst_acc"][e] <= min(acc.values()) <= max(acc.values()) <= r["clean_acc"]
@@ -273,10 +273,10 @@ def test_study_reports_every_architecture_and_ensemble(study, digits):
         assert load_genotype(str(study / "genotypes" / f"random-{k}.json")).normal is not None
     # group means and the NAS - hand-crafted difference follow from the rows (members are in no group)
     e = "0.05"
-    nas = [m["robust_acc"][e]["pgd20"] for m in s["models"] if m["group"] in ("random", "published")]
+    nas = [m["robust_acc_by_eps"][e]["pgd20"] for m in s["models"] if m["group"] in ("random", "published")]
     assert s["groups"]["nas"][e]["count"] == 3
     assert s["groups"]["nas"][e]["pgd20"] == pytest.approx(sum(nas) / 3)
-    assert s["nas_minus_handcrafted"][e]["pgd20"] == pytest.approx(sum(nas) / 3 - s["models"][3]["robust_acc"][e]["pgd20"])
+    assert s["nas_minus_handcrafted"][e]["pgd20"] == pytest.approx(sum(nas) / 3 - s["models"][3]["robust_acc_by_eps"][e]["pgd20"])
     by = {r["name"]: r for r in s["models"] + s["ensembles"]}
     # the feature ensembles: the public code's initialisation by default; two bodies and one classifier
     fe = by["feature-cnn"]
@@ -299,12 +299,12 @@ def test_study_reports_every_architecture_and_ensemble(study, digits):
     le = by["logit-random-2"]
     assert le["params"] == by["random-0"]["params"] + by["random-1"]["params"]
     assert le["gain_vs_mean"][e]["pgd20"] == pytest.approx(
-        le["robust_acc"][e]["pgd20"] - (by["random-0"]["robust_acc"][e]["pgd20"]
-                                        + by["random-1"]["robust_acc"][e]["pgd20"]) / 2)
+        le["robust_acc_by_eps"][e]["pgd20"] - (by["random-0"]["robust_acc_by_eps"][e]["pgd20"]
+                                        + by["random-1"]["robust_acc_by_eps"][e]["pgd20"]) / 2)
     lm = by["logit-random-2-matched"]  # compared with the same genotypes at the full budget
     assert lm["gain_vs_mean"][e]["pgd20"] == pytest.approx(
-        lm["robust_acc"][e]["pgd20"] - (by["random-0"]["robust_acc"][e]["pgd20"]
-                                        + by["random-1"]["robust_acc"][e]["pgd20"]) / 2)
+        lm["robust_acc_by_eps"][e]["pgd20"] - (by["random-0"]["robust_acc_by_eps"][e]["pgd20"]
+                                        + by["random-1"]["robust_acc_by_eps"][e]["pgd20"]) / 2)
     assert lm["reference_params"] == pytest.approx((by["random-0"]["params"] + by["random-1"]["params"]) / 2)
 
 
@@ -365,7 +365,7 @@ def test_a_pickled_worker_reproduces_a_job(study, tmp_path):
                    Split(data.test.x[:40], data.test.y[:40]))
     worker = pickle.loads(pickle.dumps(StudyWorker(cmd, used, tmp_path, "cpu")))
     again = worker(row["job"])
-    assert again["robust_acc"] == row["robust_acc"] and again["clean_acc"] == row["clean_acc"]
+    assert again["robust_acc_by_eps"] == row["robust_acc_by_eps"] and again["clean_acc"] == row["clean_acc"]
 
 
 def test_study_resume_reuses_finished_jobs(study):
@@ -375,7 +375,7 @@ def test_study_resume_reuses_finished_jobs(study):
         run_study(cmd, progress=False)
     again = run_study(cmd, resume=True, progress=False)
     assert [m["seconds"] for m in again["models"]] == [m["seconds"] for m in before["models"]]  # nothing rerun
-    assert [m["robust_acc"] for m in again["ensembles"]] == [m["robust_acc"] for m in before["ensembles"]]
+    assert [m["robust_acc_by_eps"] for m in again["ensembles"]] == [m["robust_acc_by_eps"] for m in before["ensembles"]]
 
 
 @pytest.mark.parametrize("change, message", [

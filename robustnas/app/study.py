@@ -248,7 +248,7 @@ def attack_table(model: nn.Module, x: Tensor, y: Tensor, attacks: list[str], eps
             robust[format_eps(e)] = {a: m.float().mean().item() for a, m in masks.items()}
             worst[format_eps(e)] = torch.stack(list(masks.values())).all(0).float().mean().item()
     clean = runner.clean.float().mean().item()
-    return {"clean_acc": clean, "robust_acc": robust, "worst_acc": worst,
+    return {"clean_acc": clean, "robust_acc_by_eps": robust, "worst_acc": worst,
             "hrs": {k: hrs(clean, w) for k, w in worst.items()},
             "in_ball": all(r <= 1 + 1e-4 for r in runner.max_perturbation.values())
             and all(o <= 1e-6 for o in runner.outside_box.values())}
@@ -269,6 +269,8 @@ class StudyWorker:
         d = self.out / "models" / job["name"]
         if self.resume and (d / "result.json").exists():
             done = read_json(d / "result.json")
+            if "robust_acc" in done:  # written before 0.2, where the per-eps table was called robust_acc
+                done["robust_acc_by_eps"] = done.pop("robust_acc")
             if done.get("job") != job:
                 raise UserError(f"{d}/result.json was written for other settings; use another --out")
             return done
@@ -405,7 +407,7 @@ def group_means(rows: list[dict], eps: list[str], attacks: list[str]) -> dict:
     out = {}
     for e in eps:
         out[e] = {"count": len(rows), "clean": _mean([r["clean_acc"] for r in rows]),
-                  **{a: _mean([r["robust_acc"][e][a] for r in rows]) for a in attacks},
+                  **{a: _mean([r["robust_acc_by_eps"][e][a] for r in rows]) for a in attacks},
                   "worst": _mean([r["worst_acc"][e] for r in rows]), "hrs": _mean([r["hrs"][e] for r in rows])}
     return out
 
@@ -429,8 +431,8 @@ def summarize(cmd: StudyCommand, results: list[dict], rejected: int, n: int) -> 
             continue
         refs = r["job"]["reference"]
         ref = group_means([by_name[m] for m in refs], eps, attacks)
-        best = {e: {k: max(by_name[m]["robust_acc"][e][k] for m in refs) for k in attacks} for e in eps}
-        gain = {e: {k: r["robust_acc"][e][k] - ref[e][k] for k in attacks} for e in eps}
+        best = {e: {k: max(by_name[m]["robust_acc_by_eps"][e][k] for m in refs) for k in attacks} for e in eps}
+        gain = {e: {k: r["robust_acc_by_eps"][e][k] - ref[e][k] for k in attacks} for e in eps}
         ensembles.append({**r, "budget": r["job"]["budget"], "reference": refs, "reference_mean": ref,
                           "reference_best": best, "gain_vs_mean": gain,
                           "reference_params": _mean([by_name[m]["params"] for m in refs]),

@@ -49,7 +49,7 @@ def plot_robust_vs_eps(study: dict, path: Path, attack: str) -> Path:
     markers = "osD^v<>p*h"
     seen: dict[str, int] = {}
     for r in study["models"] + study["ensembles"]:
-        y = [r["clean_acc"]] + [r["robust_acc"][e][attack] for e in eps]
+        y = [r["clean_acc"]] + [r["robust_acc_by_eps"][e][attack] for e in eps]
         k = seen[r["group"]] = seen.get(r["group"], -1) + 1  # members of one group differ by marker
         style = "--" if r["group"] == "ensemble" else "-"
         ax.plot(x, y, style, marker=markers[k % len(markers)], ms=4, color=GROUP_COLORS.get(r["group"], "gray"),
@@ -111,7 +111,7 @@ def plot_ensembles(study: dict, path: Path, attack: str) -> Optional[Path]:
             ax.bar(xs - 0.27, [r["reference_mean"][e][attack] for e in eps], 0.27, color="0.7",
                    label="compared with, mean")
             ax.bar(xs, [r["reference_best"][e][attack] for e in eps], 0.27, color="0.45", label="compared with, best")
-            ax.bar(xs + 0.27, [r["robust_acc"][e][attack] for e in eps], 0.27, color=GROUP_COLORS["ensemble"],
+            ax.bar(xs + 0.27, [r["robust_acc_by_eps"][e][attack] for e in eps], 0.27, color=GROUP_COLORS["ensemble"],
                    label="ensemble")
             ax.set_xticks(xs, [f"eps {e}" for e in eps], fontsize=8)
             ax.set_title(f"{r['name']} ({r['params']:,} / {r['reference_params']:,.0f} params)", fontsize=8)
@@ -135,7 +135,7 @@ def table_csv(study: dict) -> str:
         head = f"{r['name']},{r['group']},{r['kind']},{r['params']},{r['flops']}"
         lines.append(f"{head},0,clean,{r['clean_acc']:.6f}")
         for e in study["eps"]:
-            for a, v in r["robust_acc"][e].items():
+            for a, v in r["robust_acc_by_eps"][e].items():
                 lines.append(f"{head},{e},{a},{v:.6f}")
             lines.append(f"{head},{e},worst,{r['worst_acc'][e]:.6f}")
     return "\n".join(lines) + "\n"
@@ -167,7 +167,7 @@ def render_markdown(study: dict, plots: dict[str, str]) -> str:
         for r in rows:
             lines.append(f"| {r['name']} | {r['group']} | {r['params']:,} | {format_count(r['flops'])} | "
                          f"{_f(r['clean_acc'])} | "
-                         + " | ".join(_f(r["robust_acc"][e][a]) for a in attacks)
+                         + " | ".join(_f(r["robust_acc_by_eps"][e][a]) for a in attacks)
                          + f" | {_f(r['worst_acc'][e])} | {_f(r['hrs'][e])} |")
         lines.append("")
     lines += ["## Hand-crafted vs NAS", "", "Means over the architectures of each group.", "",
@@ -212,7 +212,7 @@ def _ensemble_table(rows: list[dict], eps: list[str], attacks: list[str]) -> lis
                    else f"{len(job['inits'])} x {job['base']} (<= {job['params']:,})")
         ref_clean = r["reference_mean"][eps[0]]["clean"]
         for e in eps:
-            cells = [f"{_f(r['robust_acc'][e][a])} ({_f(r['gain_vs_mean'][e][a], True)})" for a in attacks]
+            cells = [f"{_f(r['robust_acc_by_eps'][e][a])} ({_f(r['gain_vs_mean'][e][a], True)})" for a in attacks]
             lines.append(f"| {r['name']} | {members} | {', '.join(r['reference'])} | "
                          f"{r['params']:,} ({r['reference_params']:,.0f}) | "
                          f"{format_count(r['flops'])} ({format_count(int(r['reference_flops']))}) | {e} | "

@@ -264,7 +264,7 @@ class AutoAttackResult:
     """
 
     x_adv: Tensor
-    robust_acc: float
+    accuracy: float  # robust accuracy on the images attacked
     components: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
