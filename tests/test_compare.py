@@ -50,6 +50,13 @@ def test_benchmark_runs_every_member_within_the_budget_and_writes_one_report(ben
     assert spec["layers"] == 3 and spec["reduction_layers"] == [0, 1]
     searched = {e["label"]: e for e in data["entries"]}
     assert searched["darts"]["search_seconds"] > 0 and searched["cnn (hand-crafted)"]["search_seconds"] is None
+    # every searched member says whether its search decided anything, as its metrics.json does
+    section = report.split("## Did each search decide anything?")[1].split("##")[0]
+    for label in ("darts", "tamnas"):
+        decided = json.loads((bench / label / "metrics.json").read_text())["search_decision"]["decided"]
+        row = next(line for line in section.splitlines() if line.startswith(f"| {label} |"))
+        assert row.rstrip(" |").endswith("yes" if decided else "**no**")
+    assert "| cnn (hand-crafted) |" not in section
 
 
 def test_benchmark_resume_does_not_redo_finished_members(bench, tmp_path):
@@ -65,14 +72,16 @@ def test_compare_command_ranks_runs_by_their_robust_metric(bench, tmp_path):
     result = CliRunner().invoke(app, ["compare", *dirs, "--out", str(tmp_path / "cmp")])
     assert result.exit_code == 0, result.output
     entries = json.loads((tmp_path / "cmp" / "compare.json").read_text())["entries"]
-    table = (tmp_path / "cmp" / "report.md").read_text().split("## Paired")[0]
+    table = (tmp_path / "cmp" / "report.md").read_text().split("## Did each search")[0].split("## Paired")[0]
     rows = [line for line in table.splitlines() if line.startswith("| darts") or line.startswith("| baseline-cnn")]
     order = sorted(entries, key=lambda e: -e["robust"])
     assert [r.split("|")[1].strip() for r in rows] == [e["label"] for e in order]
 
 
-def test_robust_metric_prefers_autoattack_then_the_strongest_pgd():
+def test_robust_metric_prefers_autoattack_then_aa_rank_then_the_strongest_pgd():
     assert robust_metric({"autoattack_acc": 0.4, "robust_acc": {"pgd20": 0.5}}) == (0.4, "autoattack")
+    assert robust_metric({"robust_acc": {"aa-rank": 0.45, "pgd20": 0.5}}) == (0.45, "aa-rank")
+    assert robust_metric({"autoattack_acc": 0.4, "robust_acc": {"aa-rank": 0.45}}) == (0.4, "autoattack")
     assert robust_metric({"robust_acc": {"pgd7": 0.6, "pgd20": 0.5, "fgsm": 0.7}}) == (0.5, "pgd20")
     assert robust_metric({"robust_acc": {"fgsm": 0.7}}) == (None, "-")
 

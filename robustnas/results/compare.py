@@ -65,6 +65,10 @@ def load_entry(run_dir: str | Path, label: Optional[str] = None) -> dict[str, An
     }
     if method is not None:
         entry["genotype"] = read_json(run / "genotype.json")
+        if m.get("search_decision"):  # `run` keeps it in metrics.json, `search` in decision.json
+            entry["decision"] = m["search_decision"]
+        elif (run / "decision.json").is_file():
+            entry["decision"] = read_json(run / "decision.json")
     return entry
 
 
@@ -72,22 +76,51 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _robust_interval(e: dict) -> Optional[list]:
+    iv = e.get("intervals") or {}
+    if e["robust_by"] == "autoattack":
+        return iv.get("autoattack_acc")
+    return (iv.get("robust_acc") or {}).get(e["robust_by"])
+
+
 def comparison_table(entries: Sequence[dict]) -> list[str]:
-    lines = ["| model | clean | PGD-20 | AutoAttack [95% interval] | certified | HRS | params | FLOPs | search s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | clean | PGD-20 | robust [95% interval] | by | certified | HRS | params | FLOPs | search s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     seeds = Counter(e["label"] for e in entries)
     for e in sorted(entries, key=lambda e: -(e["robust"] if e["robust"] is not None else -1)):
         cert = ", ".join(f"{k} {v:.3f}" for k, v in e["certified"].items()) or "-"
         flag = "" if e["reliable"] else " **UNRELIABLE**"
         name = f"{e['label']} (seed {e['seed']})" if seeds[e["label"]] > 1 else e["label"]
-        aa = _fmt(e["autoattack_acc"])
-        iv = (e.get("intervals") or {}).get("autoattack_acc")
-        if iv and e["autoattack_acc"] is not None:
-            aa += f" [{iv[0]:.3f}, {iv[1]:.3f}]"
+        rob = _fmt(e["robust"])
+        iv = _robust_interval(e)
+        if iv and e["robust"] is not None:
+            rob += f" [{iv[0]:.3f}, {iv[1]:.3f}]"
         lines.append(f"| {name}{flag} | {_fmt(e['clean_acc'])} | {_fmt(e['pgd20'])} | "
-                     f"{aa} | {cert} | {_fmt(e['hrs'])} | {_fmt(e['params'], ',')} | "
+                     f"{rob} | {e['robust_by']} | {cert} | {_fmt(e['hrs'])} | {_fmt(e['params'], ',')} | "
                      f"{_fmt(e['flops'], ',')} | {_fmt(e['search_seconds'], '.0f')} |")
     return lines
+
+
+def decision_table(entries: Sequence[dict]) -> list[str]:
+    """Per searched member: how far its alphas moved from uniform and its supernet's (or scorer's) accuracy
+    against chance, as analysis.search_decision summarised it when the search ended."""
+    rows = [e for e in entries if e.get("decision")]
+    if not rows:
+        return []
+    seeds = Counter(e["label"] for e in entries)
+    lines = ["## Did each search decide anything?", "",
+             "| member | alphas: max distance from uniform | scored with | accuracy [95% interval] | chance | decided |",
+             "|---|---|---|---|---|---|"]
+    for e in rows:
+        d = e["decision"]
+        name = f"{e['label']} (seed {e['seed']})" if seeds[e["label"]] > 1 else e["label"]
+        al = d.get("alphas") or {}
+        acc = d.get("accuracy") or {}
+        moved = _fmt(al.get("max_dev"), ".4f") + (" (near uniform)" if al.get("near_uniform") else "")
+        got = (f"{acc['acc']:.3f} [{acc['low']:.3f}, {acc['high']:.3f}] (n={acc['n']})" if acc else "-")
+        lines.append(f"| {name} | {moved if al else '-'} | {acc.get('of', '-')} | {got} | "
+                     f"{_fmt(acc.get('chance'))} | {'yes' if d.get('decided') else '**no**'} |")
+    return lines + [""]
 
 
 def plot_pareto(entries: Sequence[dict], path: Path) -> Optional[Path]:
@@ -311,9 +344,10 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path, labels: Option
         lines += ["> **WARNING: a sanity check failed for a run marked UNRELIABLE below.**", ""]
     ns = sorted({e["n"] for e in entries if e["n"]})
     lines += [f"dataset {', '.join(sorted({str(d) for d, _ in settings}))}, eps {', '.join(sorted({str(e) for _, e in settings}))}, "
-              f"test images per run: {', '.join(map(str, ns))}. Ranked by AutoAttack accuracy "
-              f"(the strongest PGD where a run has no AutoAttack).", ""]
+              f"test images per run: {', '.join(map(str, ns))}. Ranked by standard AutoAttack accuracy "
+              f"(AutoAttack-rank where a run has no standard AutoAttack, else the strongest PGD; column *by*).", ""]
     lines += comparison_table(entries) + [""]
+    lines += decision_table(entries)
     p = plot_pareto(entries, out / "plots" / "pareto.png")
     if p:
         lines += [f"![pareto](plots/{p.name})", ""]
