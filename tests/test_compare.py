@@ -96,3 +96,18 @@ def test_benchmark_refuses_an_unknown_method_before_running(tmp_path):
     result = CliRunner().invoke(app, ["benchmark", "--config", str(cfg), "--no-progress"])
     assert result.exit_code == 2 and "unknown search method" in result.output
     assert not (tmp_path / "bench").exists()
+
+
+@pytest.mark.parametrize("name", ["benchmark.yaml", "benchmark-overnight.yaml"])
+def test_committed_benchmark_configs_validate_every_member(name):
+    from pathlib import Path
+
+    from robustnas.core.config import BenchmarkCommand, load_yaml, validate
+    from robustnas.nets.models import list_models
+    from robustnas.search import build_strategy
+
+    cmd = validate(BenchmarkCommand, load_yaml(Path(__file__).resolve().parents[1] / "configs" / name))
+    assert len(cmd.seed_list()) >= 2 and cmd.evaluate.n >= 500
+    for method, settings in cmd.methods.items():
+        build_strategy(method, dict(settings or {}))  # a typo or a value out of range raises
+    assert set(cmd.baselines) <= set(list_models())
