@@ -15,7 +15,6 @@ both the supernet and final networks.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
@@ -28,7 +27,7 @@ from torch import nn
 from robustnas.core.errors import UserError
 from robustnas.nets.models.base import Normalize, fast_layout
 from robustnas.nets.ops import OPS, FactorizedReduce, ReLUConvBN, drop_path, starts_with_relu
-from robustnas.nets.spaces.registry import Space, register
+from robustnas.nets.spaces.registry import GenotypeJson, Space, register
 
 PRIMITIVES: list[str] = [
     "none",
@@ -83,7 +82,7 @@ def _check_cell(name: str, ops: Any, concat: Any) -> tuple[list[Pair], list[int]
 
 
 @dataclass
-class Genotype:
+class Genotype(GenotypeJson):
     """A DARTS-cell architecture. Field names follow the DARTS Genotype namedtuple.
 
     space="darts": `normal` and `reduce` cells. space="arnas": `accurate`, `robust` and `reduce` cells;
@@ -154,17 +153,6 @@ class Genotype:
             space = "arnas" if ("accurate" in data or "robust" in data) else "darts"
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known and k != "space"}, space=space)
-
-    def to_json(self, indent: int | None = 1) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Genotype":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"genotype is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-        return cls.from_dict(data)
 
 
 def derive_cell(weights: torch.Tensor, steps: int, primitives: Sequence[str]) -> list[Pair]:

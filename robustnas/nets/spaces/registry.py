@@ -11,12 +11,28 @@ A new space is one module in `spaces/` ending in one `register(Space(...))` call
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from torch import nn
 
 from robustnas.core.errors import UserError
+
+
+class GenotypeJson:
+    """to_json / from_json for a space's genotype class, which defines to_dict and from_dict."""
+
+    def to_json(self, indent: Optional[int] = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"genotype is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        return cls.from_dict(data)
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,6 @@ it is torch.fx traceable and the bound propagation (robustnas/bounds) reads all 
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -67,7 +66,7 @@ from robustnas.core.errors import UserError
 from robustnas.nets.models.base import Normalize
 from robustnas.nets.models.common import can_downsample, conv_out
 from robustnas.nets.size import count_params
-from robustnas.nets.spaces.registry import Space, register
+from robustnas.nets.spaces.registry import GenotypeJson, Space, register
 
 # ------------------------------------------------------------------------------------------- the lists
 KERNELS = (3, 5)
@@ -232,7 +231,7 @@ class TinySpace:
 
 
 @dataclass
-class TinyGenotype:
+class TinyGenotype(GenotypeJson):
     """A tiny-block architecture: (block, output width) per layer, at a width multiplier. JSON:
     {"space": "tiny", "width_mult": 1, "layers": [["mb3_e3", 16], ...], "encoding": [...]}; the
     encoding is written for convenience and, when present on reading, must agree with the layers."""
@@ -297,17 +296,6 @@ class TinyGenotype:
         if "encoding" in data and TinySpace(g.width_mult).check(data["encoding"]) != g.encoding:
             raise UserError("genotype field 'encoding' disagrees with 'layers'; remove it or fix it")
         return g
-
-    def to_json(self, indent: Optional[int] = 1) -> str:
-        return json.dumps(self.to_dict(), indent=indent)
-
-    @classmethod
-    def from_json(cls, text: str) -> "TinyGenotype":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"genotype is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-        return cls.from_dict(data)
 
 
 # ------------------------------------------------------------------------------------------- standalone
