@@ -53,8 +53,9 @@ def main() -> None:
         with torch.no_grad():
             net(x)
     else:
-        strat._load_checkpoint()
-        print(f"state after epoch {strat.start_epoch - 1} of {run}")
+        loop = strat.epoch_loop()
+        loop.resume()
+        print(f"state after epoch {loop.start_epoch - 1} of {run}")
     std = torch.tensor(data.meta.std).view(1, -1, 1, 1)
     net.train()
     g_ce = torch.cat([g.flatten() for g in torch.autograd.grad(F.cross_entropy(net(x), y), strat.alphas)])

@@ -111,21 +111,3 @@ def build_strategy(name: str, settings: Optional[dict] = None) -> Strategy:
     cfg = validate(cls.Config, settings)
     return cls(cfg)
 
-
-def checkpoint_meta(out: Optional[Path], name: str, identity: dict) -> Optional[dict]:
-    """A search checkpoint's JSON (out/name.json), or None when there is none to resume; a checkpoint made
-    with other settings (`identity`: method, config, seed, data, ...) is refused, naming what differs."""
-    import json
-
-    if out is None or not (out / f"{name}.json").exists():
-        return None
-    meta = json.loads((out / f"{name}.json").read_text())
-    if meta.get("identity") != identity:
-        old = meta.get("identity") or {}
-        diff = [k for k in identity if old.get(k) != identity[k]]
-        if "config" in diff:
-            oc, nc = old.get("config") or {}, identity["config"]
-            diff = [f"config.{k}" for k in nc if oc.get(k) != nc[k]] + [d for d in diff if d != "config"]
-        raise UserError(f"cannot resume the search in {out}: its checkpoint was made with other settings "
-                        f"({', '.join(diff)}); use the same settings or another output folder")
-    return meta

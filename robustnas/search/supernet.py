@@ -6,16 +6,16 @@ order through one unrolled weight step) and then the weights on the weight batch
 adversarial examples). A method changes only what it must: usually `alpha_step`, sometimes
 `weight_loss` or `build_supernet`.
 
-Exact resume: every epoch reseeds the global RNG and the batch order from (seed, epoch), the learning
-rate is a function of the epoch, and the checkpoint written after every epoch holds the supernet
-(weights, alphas, BN statistics), both optimizers' state and the history. A search killed after any
-epoch and resumed ends with the same numbers and genotype as one that ran through.
+The epochs run through the epoch scaffold (training/loop.py): each reseeds from (seed, epoch), the
+learning rate is a function of the epoch, and the checkpoint written after every epoch
+(search_checkpoint.json + .e<epoch>.safetensors) holds the supernet (weights, alphas, BN statistics), both
+optimizers' state, the method's own state (`state_tensors`) and the history. A search killed anywhere and
+resumed ends with the same numbers and genotype as one that ran through.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -24,8 +24,6 @@ from typing import Any, Callable, ClassVar, Literal, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from robustnas.evaluation.analysis import search_decision
@@ -34,13 +32,13 @@ from robustnas.core.config import Base, EpsText, parse_eps
 from robustnas.data.datasets import DatasetMeta
 from robustnas.core.errors import UserError
 from robustnas.nets.genotypes import save_genotype
-from robustnas.core.rundir import atomic_write_text, save_tensors
-from robustnas.search.base import SearchContext, SearchResult, checkpoint_meta
+from robustnas.search.base import SearchContext, SearchResult
 from robustnas.nets.spaces import get_space
 from robustnas.nets.spaces.darts import SuperNet
-from robustnas.training.trainer import cosine_lr, epoch_seed, resolve_device
+from robustnas.training.loop import EpochLoop, cosine_lr, epoch_seed
+from robustnas.training.trainer import resolve_device
 
-CHECKPOINT = "search_checkpoint"  # .safetensors + .json; not "checkpoint": the Trainer owns that name in a run dir
+CHECKPOINT = "search_checkpoint"  # .json + .e<epoch>.safetensors; not "checkpoint": the Trainer's, in a run dir
 
 LossFn = Callable[[nn.Module], Tensor]  # model -> scalar loss; evaluated on the supernet or its unrolled copy
 
@@ -358,75 +356,22 @@ class SupernetSearch:
         self.w_idx, self.a_idx = perm[:n_w], perm[n_w:]
         per_epoch = math.ceil(min(len(self.w_idx), len(self.a_idx)) / cfg.batch_size)
         self.steps_per_epoch = min(per_epoch, cfg.max_batches_per_epoch or per_epoch)
-        self.history: list[dict] = []
-        self.start_epoch = 0
 
-    # ================================================================================ the loop
+    # ================================================================================ the epochs
     def search(self, ctx: SearchContext, resume: bool = False) -> SearchResult:
         self.setup(ctx)
-        if resume:
-            self._load_checkpoint()
-        cfg = self.cfg
-        x_tr, y_tr = ctx.data.train.x, ctx.data.train.y
-        total = cfg.epochs * self.steps_per_epoch
         t_start = time.perf_counter()
-        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                       TimeElapsedColumn(), TimeRemainingColumn(), disable=not ctx.progress, transient=False)
-        with bar:
-            task = bar.add_task(f"search {self.name}", total=total,
-                                completed=self.start_epoch * self.steps_per_epoch, info="")
-            for epoch in range(self.start_epoch, cfg.epochs):
-                torch.manual_seed(epoch_seed(ctx.seed, epoch))
-                g = torch.Generator().manual_seed(epoch_seed(ctx.seed, epoch))
-                w_order = self.w_idx[torch.randperm(len(self.w_idx), generator=g)]
-                a_order = self.a_idx[torch.randperm(len(self.a_idx), generator=g)]
-                lr = self.lr_at(epoch)
-                update_alphas = epoch >= cfg.warmup_epochs
-                t0 = time.perf_counter()
-                loss_sum = torch.zeros((), device=self.device)
-                correct = torch.zeros((), dtype=torch.long, device=self.device)
-                sums: dict[str, Any] = {}
-                series: dict[str, list[float]] = {}
-                seen = 0
-                for b in range(self.steps_per_epoch):
-                    sl = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
-                    iw, ia = w_order[sl], a_order[sl]
-                    x_w, y_w = x_tr[iw].to(self.device), y_tr[iw].to(self.device)
-                    x_a, y_a = x_tr[ia].to(self.device), y_tr[ia].to(self.device)
-                    loss, corr, info = self.search_step(x_w, y_w, x_a, y_a, lr, epoch, b, update_alphas)
-                    for k, v in info.items():
-                        sums[k] = sums.get(k, 0.0) + (v.detach() if isinstance(v, Tensor) else v)
-                        if k in self.step_series:
-                            series.setdefault(k, []).append(_num(v))
-                    loss_sum += loss * len(y_w)
-                    correct += corr
-                    seen += len(y_w)
-                    if ctx.progress and (b % 5 == 0 or b == self.steps_per_epoch - 1):
-                        ips = seen / (time.perf_counter() - t0)
-                        extra = " ".join(f"{k} {_num(v) / (b + 1):.3f}" for k, v in sums.items())
-                        bar.update(task, completed=epoch * self.steps_per_epoch + b + 1, info=(
-                            f"ep {epoch + 1}/{cfg.epochs} loss {loss_sum.item() / seen:.3f} "
-                            f"acc {correct.item() / seen:.3f} {extra} {ips:.0f} img/s"))
-                train_seconds = time.perf_counter() - t0
-                val_clean, val_robust = self.validate()
-                record: dict[str, Any] = {"epoch": epoch, **self.epoch_info(epoch), "lr": lr,
-                                          "alpha_updates": update_alphas,
-                                          "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen}
-                record.update({k: _num(v) / self.steps_per_epoch for k, v in sums.items()})
-                record.update(self.series_info(series))
-                genotype = self.net.genotype()
-                alphas = {k: w.tolist() for k, w in self.net.op_weights().items()}
-                record.update({"val_clean": val_clean, "val_robust": val_robust, "alphas": alphas,
-                               "decision": self.decision(alphas, val_clean),
-                               "genotype": genotype.to_dict(),
-                               "seconds": time.perf_counter() - t0, "images_per_s": seen / train_seconds})
-                self.history.append(record)
-                if ctx.progress:
-                    bar.update(task, info=f"ep {epoch + 1}/{cfg.epochs} val clean {val_clean:.3f} "
-                                          f"robust {val_robust:.3f}")
-                self._save_checkpoint(epoch)
-                if ctx.on_epoch_end is not None:
-                    ctx.on_epoch_end(record)
+        self.loop = self.epoch_loop()
+        if resume:
+            self.loop.resume()
+
+        def after_epoch(record: dict) -> None:
+            if ctx.out_dir is not None:
+                save_genotype(self.net.genotype(), ctx.out_dir / "genotype.json")
+            if ctx.on_epoch_end is not None:
+                ctx.on_epoch_end(record)
+
+        self.history = self.loop.run(self.train_epoch, after_epoch)
         genotype = self.net.genotype()
         genotype.source = f"robustnas search --method {self.name} (seed {ctx.seed})"
         if ctx.out_dir is not None:
@@ -436,6 +381,56 @@ class SupernetSearch:
         return SearchResult(genotype=genotype, history=self.history, seconds=time.perf_counter() - t_start,
                             extra={"alphas": alphas, "supernet_params": sum(p.numel() for p in self.weights)},
                             decision=self.decision(alphas, last.get("val_clean", float("nan"))))
+
+    def epoch_loop(self) -> EpochLoop:
+        """The epoch scaffold over this search's state (after `setup`): `.resume()` loads the checkpoint."""
+        ctx = self.ctx
+        return EpochLoop(ctx.out_dir, CHECKPOINT, ctx.seed, self.cfg.epochs, self.steps_per_epoch, self._identity(),
+                         {"net": self.net, "w_opt": self.w_opt, "a_opt": self.a_opt, "extra": _MethodState(self)},
+                         log="search.jsonl", progress=ctx.progress, description=f"search {self.name}")
+
+    def train_epoch(self, epoch: int, g: torch.Generator) -> dict[str, Any]:
+        """One epoch of bilevel steps (batches of both halves in the order `g` draws), then validation; the
+        epoch's record for search.jsonl."""
+        cfg = self.cfg
+        x_tr, y_tr = self.ctx.data.train.x, self.ctx.data.train.y
+        w_order = self.w_idx[torch.randperm(len(self.w_idx), generator=g)]
+        a_order = self.a_idx[torch.randperm(len(self.a_idx), generator=g)]
+        lr = self.lr_at(epoch)
+        update_alphas = epoch >= cfg.warmup_epochs
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        sums: dict[str, Any] = {}
+        series: dict[str, list[float]] = {}
+        seen = 0
+        for b in range(self.steps_per_epoch):
+            sl = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
+            iw, ia = w_order[sl], a_order[sl]
+            x_w, y_w = x_tr[iw].to(self.device), y_tr[iw].to(self.device)
+            x_a, y_a = x_tr[ia].to(self.device), y_tr[ia].to(self.device)
+            loss, corr, info = self.search_step(x_w, y_w, x_a, y_a, lr, epoch, b, update_alphas)
+            for k, v in info.items():
+                sums[k] = sums.get(k, 0.0) + (v.detach() if isinstance(v, Tensor) else v)
+                if k in self.step_series:
+                    series.setdefault(k, []).append(_num(v))
+            loss_sum += loss * len(y_w)
+            correct += corr
+            seen += len(y_w)
+            self.loop.step_done(lambda: f"loss {loss_sum.item() / seen:.3f} acc {correct.item() / seen:.3f} " + "".join(
+                f"{k} {_num(v) / (b + 1):.3f} " for k, v in sums.items()) + f"{seen / (time.perf_counter() - t0):.0f} img/s")
+        train_seconds = time.perf_counter() - t0
+        val_clean, val_robust = self.validate()
+        record: dict[str, Any] = {"epoch": epoch, **self.epoch_info(epoch), "lr": lr, "alpha_updates": update_alphas,
+                                  "train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen}
+        record.update({k: _num(v) / self.steps_per_epoch for k, v in sums.items()})
+        record.update(self.series_info(series))
+        genotype = self.net.genotype()
+        alphas = {k: w.tolist() for k, w in self.net.op_weights().items()}
+        record.update({"val_clean": val_clean, "val_robust": val_robust, "alphas": alphas,
+                       "decision": self.decision(alphas, val_clean), "genotype": genotype.to_dict(),
+                       "seconds": time.perf_counter() - t0, "images_per_s": seen / train_seconds})
+        return record
 
     def decision(self, alphas: dict[str, list[list[float]]], val_clean: float) -> dict[str, Any]:
         """Did the search decide anything: the alphas' distance from uniform and the supernet's validation
@@ -463,49 +458,18 @@ class SupernetSearch:
                 "eps": self.eps, "norm": self.norm, "dataset": self.ctx.data.meta.name,
                 "train_size": len(self.ctx.data.train)}
 
-    def _save_checkpoint(self, epoch: int) -> None:
-        out = self.ctx.out_dir
-        if out is None:
-            return
-        tensors: dict[str, Tensor] = {f"net.{k}": v for k, v in self.net.state_dict().items()}
-        plain: dict[str, Any] = {}
-        for prefix, opt in (("w_opt", self.w_opt), ("a_opt", self.a_opt)):
-            plain[prefix] = {}
-            for pid, state in opt.state_dict()["state"].items():
-                for key, v in state.items():
-                    if isinstance(v, Tensor):
-                        tensors[f"{prefix}.{pid}.{key}"] = v
-                    elif v is not None:
-                        plain[prefix].setdefault(str(pid), {})[key] = v
-        tensors.update({f"extra.{k}": v for k, v in self.state_tensors().items()})
-        out.mkdir(parents=True, exist_ok=True)
-        save_tensors(out / f"{CHECKPOINT}.safetensors", tensors)
-        meta = {"epoch": epoch, "identity": self._identity(), "optimizers": plain, "history": self.history}
-        atomic_write_text(out / f"{CHECKPOINT}.json", json.dumps(meta, indent=1))
-        atomic_write_text(out / "search.jsonl", "".join(json.dumps(h) + "\n" for h in self.history))
-        save_genotype(self.net.genotype(), out / "genotype.json")
 
-    def _load_checkpoint(self) -> None:
-        out = self.ctx.out_dir
-        meta = checkpoint_meta(out, CHECKPOINT, self._identity())
-        if meta is None:
-            return  # nothing to resume: start from scratch
-        tensors = load_file(str(out / f"{CHECKPOINT}.safetensors"), device="cpu")
-        self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
-        for prefix, opt in (("w_opt", self.w_opt), ("a_opt", self.a_opt)):
-            sd = opt.state_dict()
-            state: dict[int, dict[str, Any]] = {}
-            for key, v in tensors.items():
-                if key.startswith(prefix + "."):
-                    _, pid, name = key.split(".", 2)
-                    state.setdefault(int(pid), {})[name] = v.clone()
-            for pid, d in meta["optimizers"].get(prefix, {}).items():
-                state.setdefault(int(pid), {}).update(d)
-            sd["state"] = state
-            opt.load_state_dict(sd)
-        self.load_state_tensors({k[6:]: v for k, v in tensors.items() if k.startswith("extra.")})
-        self.history = meta["history"]
-        self.start_epoch = meta["epoch"] + 1
+class _MethodState:
+    """A method's state beyond the supernet and optimizers (`state_tensors`), as the epoch loop saves state."""
+
+    def __init__(self, search: SupernetSearch):
+        self.search = search
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.search.state_tensors()
+
+    def load_state_dict(self, tensors: dict[str, Tensor]) -> None:
+        self.search.load_state_tensors(tensors)
 
 
 def _num(v: Any) -> float:

@@ -14,32 +14,31 @@ search.jsonl has one record per supernet epoch and per generation (front, hyperv
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, ClassVar, Literal, Optional, Sequence
 
 import numpy as np
 import torch
 from pydantic import Field
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from robustnas.evaluation.analysis import search_decision
 from robustnas.core.config import EpsText, ParamCount, TrainConfig
 from robustnas.data.datasets import Dataset
 from robustnas.core.errors import UserError
 from robustnas.core.executor import ExecutorSettings
-from robustnas.core.rundir import atomic_write_text, write_json
+from robustnas.core.rundir import write_json
 from robustnas.nets.arch import save_model
-from robustnas.search.base import SearchContext, SearchResult, checkpoint_meta, register
+from robustnas.search.base import SearchContext, SearchResult, register
 from robustnas.search.nsga2 import OBJECTIVES, pareto_front, run_nsga2
 from robustnas.search.tiny_supernet import SubnetScorer, SupernetTrainer, scoring_images
 from robustnas.nets.size import count_params
 from robustnas.core.config import parse_count
 from robustnas.nets.spaces.tiny import (TinyGenotype, TinyNetwork, TinySuperNet, genotype_params, layer_frequencies,
                                    model_spec, recalibrate_bn)
-from robustnas.training.trainer import Trainer, epoch_seed, resolve_device
+from robustnas.training.loop import EpochLoop, epoch_seed, progress_bar
+from robustnas.training.trainer import Trainer, resolve_device
 
-CHECKPOINT = "search_checkpoint"  # .safetensors (supernet, optimizer) + .json (progress, NSGA-II state)
+CHECKPOINT = "search_checkpoint"  # .e<epoch>.safetensors (supernet, optimizer) + .json (history, NSGA-II state)
 
 
 class TamNasConfig(ExecutorSettings):
@@ -115,10 +114,9 @@ class TamNas:
             if self.max_params < smallest:
                 raise UserError(f"max_params {cfg.max_params} is below the smallest subnet of the tiny space "
                                 f"({smallest} parameters); raise it")
-        self.trainer = SupernetTrainer(self.net, cfg, data, self.eps, self.norm, ctx.seed, self.device, ctx.progress)
+        self.trainer = SupernetTrainer(self.net, cfg, data, self.eps, self.norm, ctx.seed, self.device)
         n_recal = cfg.recal_batches * cfg.recal_batch_size
         self.recal_x, self.eval_x, self.eval_y = scoring_images(data, ctx.seed, n_recal, cfg.eval_n, self.device)
-        self.history, self.start_epoch, self.nsga_state = [], 0, None  # nsga_state: run_nsga2's, to resume it
 
     def scorer(self, n: Optional[int] = None) -> SubnetScorer:
         n = len(self.eval_x) if n is None else n
@@ -127,29 +125,26 @@ class TamNas:
 
     def search(self, ctx: SearchContext, resume: bool = False) -> SearchResult:
         self.setup(ctx)
-        if resume:
-            self._load_checkpoint()
         cfg = self.cfg
         t_start = time.perf_counter()
-        steps = self.trainer.steps_per_epoch
-        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                       TimeElapsedColumn(), TimeRemainingColumn(), disable=not ctx.progress, transient=False)
-        with bar:
-            task = bar.add_task("search tamnas", total=cfg.epochs * steps, completed=self.start_epoch * steps, info="")
-            for epoch in range(self.start_epoch, cfg.epochs):
-                record = self.trainer.train_epoch(epoch, bar, task, self.scorer(cfg.val_n) if cfg.val_n > 0 else None)
-                self.history.append(record)
-                self._save_checkpoint(epoch)
-                if ctx.on_epoch_end is not None:
-                    ctx.on_epoch_end(record)
-            self.net.eval()
+        loop = self.loop = EpochLoop(ctx.out_dir, CHECKPOINT, ctx.seed, cfg.epochs, self.trainer.steps_per_epoch,
+                                     self._identity(), {"net": self.net, "opt": self.trainer.opt}, log="search.jsonl",
+                                     progress=ctx.progress, description="search tamnas")
+        if resume:
+            loop.resume()
+        self.history = loop.history  # supernet epochs, then NSGA-II generations
+        scorer = self.scorer(cfg.val_n) if cfg.val_n > 0 else None
+        loop.run(lambda epoch, g: self.trainer.train_epoch(epoch, g, loop.step_done, scorer), ctx.on_epoch_end)
+        self.net.eval()
+        with progress_bar(ctx.progress) as bar:
+            nsga_state = loop.extra.get("nsga2")  # run_nsga2's state after the last finished generation
             gen_task = bar.add_task("nsga-ii", total=cfg.generations, info="",
-                                    completed=0 if self.nsga_state is None else self.nsga_state["generation"] + 1)
+                                    completed=0 if nsga_state is None else nsga_state["generation"] + 1)
 
             def on_generation(record: dict, state: dict) -> None:
-                self.history.append(record)
-                self.nsga_state = state
-                self._save_checkpoint(cfg.epochs - 1)
+                loop.history.append(record)
+                loop.extra["nsga2"] = state
+                loop.save_progress()  # the supernet no longer changes: the JSON (and search.jsonl) only
                 if ctx.out_dir is not None and record["front"]:
                     write_json(ctx.out_dir / "genotype.json", self.pick(record["front"]).to_dict())
                 bar.update(gen_task, completed=record["generation"] + 1,
@@ -162,7 +157,7 @@ class TamNas:
                 scores, _ = run_nsga2(self.space, self.scorer(), executor, pop_size=cfg.pop_size,
                                       generations=cfg.generations, seed=ctx.seed, params_scale=self.params_scale,
                                       max_params=self.max_params, hv_ref=cfg.hv_ref, mutation_rate=cfg.mutation_rate,
-                                      crossover_prob=cfg.crossover_prob, state=self.nsga_state,
+                                      crossover_prob=cfg.crossover_prob, state=nsga_state,
                                       on_generation=on_generation, count=self.count_params)
             finally:
                 executor.close()
@@ -282,24 +277,3 @@ class TamNas:
         return {"method": self.name, "config": cfg, "seed": self.ctx.seed, "eps": self.eps, "norm": self.norm,
                 "dataset": self.ctx.data.meta.name, "train_size": len(self.ctx.data.train),
                 "val_size": len(self.ctx.data.val)}
-
-    def _save_checkpoint(self, epoch: int) -> None:
-        out = self.ctx.out_dir
-        if out is None:
-            return
-        out.mkdir(parents=True, exist_ok=True)
-        if self.nsga_state is None:  # the supernet changes only while it trains
-            self.trainer.save(out / f"{CHECKPOINT}.safetensors")
-        meta = {"epoch": epoch, "identity": self._identity(), "history": self.history, "nsga2": self.nsga_state}
-        atomic_write_text(out / f"{CHECKPOINT}.json", json.dumps(meta))
-        atomic_write_text(out / "search.jsonl", "".join(json.dumps(h) + "\n" for h in self.history))
-
-    def _load_checkpoint(self) -> None:
-        out = self.ctx.out_dir
-        meta = checkpoint_meta(out, CHECKPOINT, self._identity())
-        if meta is None:
-            return  # nothing to resume: start from scratch
-        self.trainer.load(out / f"{CHECKPOINT}.safetensors")
-        self.history = meta["history"]
-        self.start_epoch = meta["epoch"] + 1
-        self.nsga_state = meta.get("nsga2")

@@ -7,7 +7,8 @@ examples of that subnet, with epsilon ramped up from 0 over `eps_warmup_epochs` 
 0.1, a supernet trained at full epsilon from the first step stayed near chance for the first hundreds of
 steps). The attack sees the subnet normalised by its batch statistics on the clean batch, frozen while it
 runs: the shared BN running statistics describe no single subnet, and live batch statistics would couple
-the images of the batch. SGD with a per-step cosine learning rate; each epoch reseeds from (seed, epoch).
+the images of the batch. SGD with a per-step cosine learning rate. TAM-NAS runs the epochs through the epoch
+scaffold (training/loop.py: seeding from (seed, epoch), checkpoints, resume); this file is one epoch's work.
 
 Scoring: a subnet is extracted with inherited weights, its BatchNorm recalibrated on fixed training
 images, then its clean and PGD error measured on fixed held-out images.
@@ -18,23 +19,19 @@ from __future__ import annotations
 import math
 import time
 import zlib
-from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.progress import Progress
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from robustnas.robustness.attacks import accuracy, fgsm_rs, pgd, robust_accuracy
 from robustnas.core.config import parse_eps
 from robustnas.data.datasets import Dataset
-from robustnas.core.rundir import save_tensors
 from robustnas.nets.size import count_params
 from robustnas.nets.spaces.tiny import TinySuperNet, recalibrate_bn
-from robustnas.training.trainer import cosine_lr, epoch_seed
+from robustnas.training.loop import cosine_lr, epoch_seed
 
 
 def encoding_seed(seed: int, encoding: Sequence[int]) -> int:
@@ -83,9 +80,9 @@ class SupernetTrainer:
     sandwich_random, adv, attack_steps, eps_warmup_epochs, step_size)."""
 
     def __init__(self, net: TinySuperNet, cfg, data: Dataset, eps: float, norm: str = "Linf", seed: int = 0,
-                 device: torch.device | str = "cpu", progress: bool = False):
+                 device: torch.device | str = "cpu"):
         self.net, self.cfg, self.data, self.space = net, cfg, data, net.space
-        self.eps, self.norm, self.seed, self.device, self.progress = eps, norm, seed, torch.device(device), progress
+        self.eps, self.norm, self.seed, self.device = eps, norm, seed, torch.device(device)
         self.step_size = parse_eps(cfg.step_size, norm) if cfg.step_size else None
         decay, no_decay = [], []
         for p in net.parameters():
@@ -143,12 +140,12 @@ class SupernetTrainer:
         self.opt.step()
         return loss_sum, correct, len(y) * len(encodings)
 
-    def train_epoch(self, epoch: int, bar: Progress, task, scorer: Optional[SubnetScorer] = None) -> dict[str, Any]:
-        """One epoch; its record for search.jsonl. With `scorer`, the largest and smallest subnets are
-        scored after it (val_clean_*, val_robust_*)."""
+    def train_epoch(self, epoch: int, g: torch.Generator, step_done: Callable[[Callable[[], str]], None],
+                    scorer: Optional[SubnetScorer] = None) -> dict[str, Any]:
+        """One epoch in the order `g` draws (the subnets from a numpy generator seeded by (seed, epoch)),
+        calling `step_done` after every step (the epoch loop's); its record for search.jsonl. With `scorer`,
+        the largest and smallest subnets are scored after it (val_clean_*, val_robust_*)."""
         cfg = self.cfg
-        torch.manual_seed(epoch_seed(self.seed, epoch))
-        g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
         order = torch.randperm(len(self.data.train), generator=g)
         rng = np.random.default_rng([self.seed, epoch])
         total = cfg.epochs * self.steps_per_epoch
@@ -162,10 +159,8 @@ class SupernetTrainer:
             lr = cosine_lr(cfg.lr, cfg.lr_min, it / max(total, 1))
             l, c, n = self.train_step(x, y, self.step_subnets(rng), lr, self.eps_at(it))
             loss_sum, correct, seen, images = loss_sum + l * len(y), correct + c, seen + n, images + len(y)
-            if self.progress and (b % 5 == 0 or b == self.steps_per_epoch - 1):
-                bar.update(task, completed=it + 1, info=(
-                    f"supernet ep {epoch + 1}/{cfg.epochs} loss {loss_sum / seen:.3f} acc {correct / seen:.3f} "
-                    f"{images / (time.perf_counter() - t0):.0f} img/s"))
+            step_done(lambda: f"supernet loss {loss_sum / seen:.3f} acc {correct / seen:.3f} "
+                              f"{images / (time.perf_counter() - t0):.0f} img/s")
         train_seconds = time.perf_counter() - t0
         last = (epoch + 1) * self.steps_per_epoch - 1
         record: dict[str, Any] = {"phase": "supernet", "epoch": epoch, "lr": cosine_lr(cfg.lr, cfg.lr_min, last / max(total, 1)),
@@ -177,18 +172,3 @@ class SupernetTrainer:
                 record[f"val_clean_{which}"], record[f"val_robust_{which}"] = 1 - s["clean_err"], 1 - s["pgd_err"]
         record.update({"seconds": time.perf_counter() - t0, "images_per_s": images / train_seconds})
         return record
-
-    def save(self, path: Path) -> None:
-        """The supernet's weights and the optimizer's momentum buffers, as one safetensors file (atomic)."""
-        tensors = {f"net.{k}": v for k, v in self.net.state_dict().items()}
-        for pid, state in self.opt.state_dict()["state"].items():
-            if state.get("momentum_buffer") is not None:
-                tensors[f"opt.{pid}"] = state["momentum_buffer"]
-        save_tensors(path, tensors)
-
-    def load(self, path: Path) -> None:
-        tensors = load_file(str(path), device=str(self.device))
-        self.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
-        sd = self.opt.state_dict()
-        sd["state"] = {int(k[4:]): {"momentum_buffer": v.clone()} for k, v in tensors.items() if k.startswith("opt.")}
-        self.opt.load_state_dict(sd)

@@ -1,13 +1,11 @@
-"""The one Trainer: standard, PGD-AT (Madry), TRADES and FGSM-RS training with checkpoints and exact resume.
-
-Exact resume works because nothing random carries over between epochs: every epoch reseeds the global
-RNG and its data order from (seed, epoch), the learning rate is a pure function of the iteration, and the
-checkpoint holds the weights, the optimizer's buffers, the best weights so far and the history.
+"""The one Trainer: standard, PGD-AT (Madry), TRADES and FGSM-RS training. Its epochs run through the epoch
+scaffold (training/loop.py): per-epoch seeding from (seed, epoch), a checkpoint after every epoch
+(checkpoint.json + checkpoint.e<epoch>.safetensors in out_dir), exact resume, and the best epoch kept by the
+`select` rule. The learning rate is a pure function of the iteration (`lr_at`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -16,14 +14,14 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from robustnas.robustness.attacks import accuracy, eval_mode, fgsm_rs, pgd, robust_accuracy
 from robustnas.core.config import TrainConfig, parse_eps
 from robustnas.data.datasets import Dataset
-from robustnas.core.rundir import atomic_write_text, save_tensors
+from robustnas.training.loop import EpochLoop, cosine_lr, epoch_seed
+
+__all__ = ["EpochLog", "TrainResult", "Trainer", "cosine_lr", "epoch_seed", "lr_at", "resolve_device"]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -34,15 +32,6 @@ def resolve_device(device: str = "auto") -> torch.device:
 
         raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     return torch.device(device)
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch * 7_919) % (2**63 - 1)
-
-
-def cosine_lr(lr: float, lr_min: float, t: float) -> float:
-    """Cosine annealing from lr at t = 0 to lr_min at t = 1: the one schedule of training and search."""
-    return lr_min + (lr - lr_min) * (1 + math.cos(math.pi * t)) / 2
 
 
 def lr_at(cfg: TrainConfig, it: int, total: int, steps_per_epoch: int) -> float:
@@ -102,8 +91,6 @@ class Trainer:
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
         self.result = TrainResult()
-        self.best_state: Optional[dict[str, Tensor]] = None
-        self.start_epoch = 0
 
     # ------------------------------------------------------------------------------------ one step
     def adversarial_examples(self, x: Tensor, y: Tensor) -> Tensor:
@@ -159,102 +146,54 @@ class Trainer:
             self.model, xb, yb, self.eps, steps=self.cfg.val_steps, norm=a.norm))
         return clean, rob
 
-    # ------------------------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------------------------ the epochs
+    def identity(self) -> dict:
+        """What must match for a checkpoint to be resumed (the network itself is checked by its shapes)."""
+        return {"config": self.cfg.model_dump(mode="json"), "seed": self.seed, "eps": self.eps,
+                "dataset": self.data.meta.name, "train_size": len(self.data.train.x)}
+
     def fit(self, resume: bool = False) -> TrainResult:
-        if resume:
-            self._load_checkpoint()
         cfg = self.cfg
-        xtr, ytr = self.data.train.x, self.data.train.y
-        n = len(xtr)
-        steps_per_epoch = math.ceil(n / cfg.batch_size)
-        total = cfg.epochs * steps_per_epoch
-        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                       TimeElapsedColumn(), TimeRemainingColumn(), disable=not self.progress, transient=False)
-        with bar:
-            task = bar.add_task("train", total=total, completed=self.start_epoch * steps_per_epoch, info="")
-            for epoch in range(self.start_epoch, cfg.epochs):
-                torch.manual_seed(epoch_seed(self.seed, epoch))
-                g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
-                order = torch.randperm(n, generator=g)
-                t0 = time.perf_counter()
-                loss_sum = torch.zeros((), device=self.device)
-                correct = torch.zeros((), dtype=torch.long, device=self.device)
-                seen = 0
-                for b in range(steps_per_epoch):
-                    idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-                    x = xtr[idx].to(self.device, non_blocking=True)
-                    y = ytr[idx].to(self.device, non_blocking=True)
-                    it = epoch * steps_per_epoch + b
-                    loss, corr = self.train_step(x, y, lr_at(cfg, it, total, steps_per_epoch))
-                    loss_sum += loss * len(y)
-                    correct += corr
-                    seen += len(y)
-                    if self.progress and (b % 10 == 0 or b == steps_per_epoch - 1):
-                        ips = seen / (time.perf_counter() - t0)
-                        bar.update(task, completed=it + 1, info=(
-                            f"ep {epoch + 1}/{cfg.epochs} loss {loss_sum.item() / seen:.3f} "
-                            f"acc {correct.item() / seen:.3f} {ips:.0f} img/s"))
-                train_seconds = time.perf_counter() - t0
-                val_clean, val_rob = self.validate()
-                log = EpochLog(epoch, lr_at(cfg, (epoch + 1) * steps_per_epoch - 1, total, steps_per_epoch),
-                               loss_sum.item() / seen, correct.item() / seen, val_clean, val_rob,
-                               time.perf_counter() - t0, seen / train_seconds)
-                self.result.history.append(log)
-                self._maybe_keep_best(log)
-                if self.progress:
-                    bar.update(task, info=f"ep {epoch + 1}/{cfg.epochs} val clean {val_clean:.3f} "
-                                          f"robust {val_rob:.3f}")
-                self._save_checkpoint(epoch)
-                if self.on_epoch_end:
-                    self.on_epoch_end(log)
-        if cfg.select != "last" and self.best_state is not None:
-            self.model.load_state_dict(self.best_state)
+        self.steps_per_epoch = math.ceil(len(self.data.train.x) / cfg.batch_size)
+        select = {"robust": lambda r: (r["val_robust"], r["val_clean"]),
+                  "clean": lambda r: (r["val_clean"], r["val_robust"]), "last": None}[cfg.select]
+        self.loop = EpochLoop(self.out_dir, "checkpoint", self.seed, cfg.epochs, self.steps_per_epoch,
+                              self.identity(), {"model": self.model, "opt": self.optimizer}, select=select,
+                              best_of="model", progress=self.progress, description="train")
+        if resume:
+            self.loop.resume()
+        on_end = self.on_epoch_end
+        self.loop.run(self.train_epoch, None if on_end is None else lambda record: on_end(EpochLog(**record)))
+        if select is not None:
+            self.loop.restore_best()
+        history = [EpochLog(**h) for h in self.loop.history]
+        best = self.loop.best_record() if select is not None else (self.loop.history or [None])[-1]
+        self.result = TrainResult(history) if best is None else \
+            TrainResult(history, best["epoch"], best["val_clean"], best["val_robust"])
         return self.result
 
-    def _maybe_keep_best(self, log: EpochLog) -> None:
-        key = {"robust": (log.val_robust, log.val_clean), "clean": (log.val_clean, log.val_robust),
-               "last": (log.epoch, 0)}[self.cfg.select]
-        best_key = {"robust": (self.result.best_val_robust, self.result.best_val_clean),
-                    "clean": (self.result.best_val_clean, self.result.best_val_robust),
-                    "last": (self.result.best_epoch, 0)}[self.cfg.select]
-        if self.result.best_epoch < 0 or key > best_key:
-            self.result.best_epoch = log.epoch
-            self.result.best_val_clean = log.val_clean
-            self.result.best_val_robust = log.val_robust
-            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-
-    # ------------------------------------------------------------------------------------ checkpoints
-    def _save_checkpoint(self, epoch: int) -> None:
-        if self.out_dir is None:
-            return
-        tensors: dict[str, Tensor] = {}
-        for k, v in self.model.state_dict().items():
-            tensors[f"model.{k}"] = v.detach().cpu().contiguous()
-        for k, v in (self.best_state or {}).items():
-            tensors[f"best.{k}"] = v.detach().cpu().contiguous()
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        for i, p in enumerate(params):
-            buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
-            if buf is not None:
-                tensors[f"opt.{i}"] = buf.detach().cpu().contiguous()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        save_tensors(self.out_dir / "checkpoint.safetensors", tensors)
-        meta = {"epoch": epoch, "result": {**asdict(self.result)}}
-        atomic_write_text(self.out_dir / "checkpoint.json", json.dumps(meta, indent=1))
-
-    def _load_checkpoint(self) -> None:
-        if self.out_dir is None or not (self.out_dir / "checkpoint.json").exists():
-            return  # nothing to resume: start from scratch
-        meta = json.loads((self.out_dir / "checkpoint.json").read_text())
-        tensors = load_file(str(self.out_dir / "checkpoint.safetensors"), device=str(self.device))
-        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
-        self.best_state = best or None
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        for i, p in enumerate(params):
-            if f"opt.{i}" in tensors:
-                self.optimizer.state[p]["momentum_buffer"] = tensors[f"opt.{i}"].clone()
-        r = meta["result"]
-        self.result = TrainResult([EpochLog(**h) for h in r["history"]], r["best_epoch"],
-                                  r["best_val_clean"], r["best_val_robust"])
-        self.start_epoch = meta["epoch"] + 1
+    def train_epoch(self, epoch: int, g: torch.Generator) -> dict:
+        """One epoch in the order `g` draws, then validation: the epoch's record (an EpochLog as a dict)."""
+        cfg, spe = self.cfg, self.steps_per_epoch
+        xtr, ytr = self.data.train.x, self.data.train.y
+        total = cfg.epochs * spe
+        order = torch.randperm(len(xtr), generator=g)
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        seen = 0
+        for b in range(spe):
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            x = xtr[idx].to(self.device, non_blocking=True)
+            y = ytr[idx].to(self.device, non_blocking=True)
+            loss, corr = self.train_step(x, y, lr_at(cfg, epoch * spe + b, total, spe))
+            loss_sum += loss * len(y)
+            correct += corr
+            seen += len(y)
+            self.loop.step_done(lambda: f"loss {loss_sum.item() / seen:.3f} acc {correct.item() / seen:.3f} "
+                                        f"{seen / (time.perf_counter() - t0):.0f} img/s")
+        train_seconds = time.perf_counter() - t0
+        val_clean, val_rob = self.validate()
+        return asdict(EpochLog(epoch, lr_at(cfg, (epoch + 1) * spe - 1, total, spe), loss_sum.item() / seen,
+                               correct.item() / seen, val_clean, val_rob, time.perf_counter() - t0,
+                               seen / train_seconds))
