@@ -260,6 +260,14 @@ def _stem(in_channels: int, C_out: int, mean: Sequence[float], std: Sequence[flo
     )
 
 
+def _begin(net: nn.Module, C_stem: int, in_shape: Sequence[int], mean: Sequence[float], std: Sequence[float]) -> int:
+    """The start every DARTS-space network shares: the stem and an empty list of cells (and their kinds)."""
+    net.stem = _stem(int(in_shape[0]), C_stem, mean, std)
+    net.cells = nn.ModuleList()
+    net.cell_kinds = []
+    return C_stem
+
+
 # --------------------------------------------------------------------------------------------------
 # Search: MixedOp, SearchCell, SuperNet
 
@@ -395,11 +403,7 @@ class SuperNet(nn.Module):
         self.reductions = reductions
         self.num_edges = sum(node + 2 for node in range(steps))
 
-        C_stem = stem_multiplier * C
-        self.stem = _stem(int(in_shape[0]), C_stem, mean, std)
-        C_prev_prev, C_prev = C_stem, C_stem
-        self.cells = nn.ModuleList()
-        self.cell_kinds: list[str] = []
+        C_prev_prev = C_prev = _begin(self, stem_multiplier * C, in_shape, mean, std)
         reduction_prev = False
         for kind, reduction, width in self._plan(layers, reductions):
             C_curr = width * C
@@ -593,11 +597,7 @@ class Network(nn.Module):
         self.drop_path_prob = drop_path_prob
         self._aux_position = max(reductions)
 
-        C_stem = stem_multiplier * C
-        self.stem = _stem(int(in_shape[0]), C_stem, mean, std)
-        C_prev_prev, C_prev = C_stem, C_stem
-        self.cells = nn.ModuleList()
-        self.cell_kinds: list[str] = []
+        C_prev_prev = C_prev = _begin(self, stem_multiplier * C, in_shape, mean, std)
         reduction_prev = False
         C_aux = C_prev
         for i, (kind, reduction, width) in enumerate(self._plan(layers, reductions)):
