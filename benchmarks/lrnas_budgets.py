@@ -21,7 +21,8 @@ from pathlib import Path
 
 def main() -> None:
     from robustnas.results.compare import compare_runs
-    from robustnas.core.config import BenchmarkCommand, RunCommand, load_yaml, validate
+    from robustnas.app.pipeline import BenchmarkCommand
+    from robustnas.core.config import RunCommand, load_yaml, validate
     from robustnas.nets.genotypes import save_genotype
     from robustnas.app.pipeline import load_data, resolved, train_evaluate
     from robustnas.core.rundir import read_json

@@ -102,7 +102,8 @@ def test_benchmark_refuses_an_unknown_method_before_running(tmp_path):
 def test_committed_benchmark_configs_validate_every_member(name):
     from pathlib import Path
 
-    from robustnas.core.config import BenchmarkCommand, load_yaml, validate
+    from robustnas.app.pipeline import BenchmarkCommand
+    from robustnas.core.config import load_yaml, validate
     from robustnas.nets.models import list_models
     from robustnas.search import build_strategy
 
@@ -111,3 +112,14 @@ def test_committed_benchmark_configs_validate_every_member(name):
     for method, settings in cmd.methods.items():
         build_strategy(method, dict(settings or {}))  # a typo or a value out of range raises
     assert set(cmd.baselines) <= set(list_models())
+
+
+def test_benchmark_members_run_in_parallel_through_the_executor_with_the_same_results(bench, tmp_path):
+    cfg = bench_config(tmp_path, out=str(tmp_path / "pool"), executor="pool", executor_options={"workers": 2})
+    result = CliRunner().invoke(app, ["benchmark", "--config", str(cfg), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    for member in ("darts", "tamnas", "baseline-cnn"):
+        assert (tmp_path / "pool" / member / "per_image.csv").read_text() == \
+            (bench / member / "per_image.csv").read_text(), member
+        assert (tmp_path / "pool" / member / "model.safetensors").read_bytes() == \
+            (bench / member / "model.safetensors").read_bytes(), member

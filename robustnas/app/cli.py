@@ -275,7 +275,7 @@ def benchmark(
                                                      "across seeds"),
 ) -> None:
     """Every search method and hand-crafted baseline on the same data, budget, recipe and attacks."""
-    from robustnas.core.config import BenchmarkCommand
+    from robustnas.app.pipeline import BenchmarkCommand
     from robustnas.app.pipeline import benchmark_plan, benchmark_run
 
     base = _run(load_yaml, config)

@@ -7,20 +7,22 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
+
+from pydantic import Field, model_validator
 
 import torch
 from rich.console import Console
 
-from robustnas.nets.arch import build_arch
 from robustnas.robustness.attacks import accuracy, pgd, robust_accuracy
-from robustnas.core.config import BenchmarkCommand, DataConfig, RunCommand, SearchCommand, TrainCommand, TrainConfig, format_eps, parse_eps, to_yaml
+from robustnas.core.config import (Command, DataConfig, EvalConfig, ParamCount, RunCommand, SearchCommand, TrainCommand,
+                                   TrainConfig, format_eps, parse_count, parse_eps, to_yaml)
 from robustnas.data.datasets import Dataset, load_dataset
 from robustnas.core.errors import UserError
+from robustnas.core.executor import ExecutorSettings
 from robustnas.core.rundir import atomic_write_text, read_json, write_json
-from robustnas.nets.arch import save_model
+from robustnas.nets.arch import build_arch, save_model
 from robustnas.nets.size import count_flops, count_params
-from robustnas.core.config import parse_count
 from robustnas.training.trainer import Trainer, resolve_device
 
 
@@ -278,6 +280,37 @@ def _finished(out: Path, key: str) -> bool:
     return (out / "metrics.json").is_file() and key in read_json(out / "metrics.json")
 
 
+class BenchmarkCommand(ExecutorSettings, Command):
+    """`robustnas benchmark`: every listed method and hand-crafted baseline on the same data, final-network
+    parameter budget, training recipe and attacks; `methods` maps a method to its own search settings. Its
+    members (one method or baseline at one seed) run through the executor: `executor: pool` with
+    `executor_options: {workers: 2}` trains and attacks two members at once, each in a process of its own."""
+
+    name: str = "benchmark"
+    budget: ParamCount = "50k"      # parameters of every final network (searched and hand-crafted)
+    layers: Optional[int] = None    # cells of the DARTS-space final networks; None: arch.DEFAULT_LAYERS
+    reduction_layers: Optional[list[int]] = None  # their reduction cells; None: the DARTS rule
+    methods: dict[str, dict[str, Any]] = {}
+    baselines: list[str] = ["cnn"]
+    # each member is searched and trained once per seed (None: `seed` alone); a search seed is part of the
+    # method's variance, so the report's intervals span seeds and test images
+    seeds: Optional[list[int]] = Field(default=None, min_length=1)
+    # sequential evaluation: attack this many test images at a time and stop growing a pair once its interval
+    # excludes zero or it reaches evaluate.n (the maximum); None: every member on all evaluate.n images
+    sequential_chunk: Optional[int] = Field(default=None, ge=1)
+    train: TrainConfig = TrainConfig()
+    evaluate: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _distinct_seeds(self) -> "BenchmarkCommand":
+        if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds {self.seeds} repeat a seed")
+        return self
+
+    def seed_list(self) -> list[int]:
+        return list(self.seeds) if self.seeds else [self.seed]
+
+
 def benchmark_run(cmd: BenchmarkCommand, resume: bool = False, progress: bool = True) -> dict:
     """Every method in `cmd.methods` through `run_pipeline` and every hand-crafted baseline through
     `train_evaluate`, all at `cmd.budget` final parameters with one recipe, then one comparison report.
@@ -295,7 +328,6 @@ def benchmark_run(cmd: BenchmarkCommand, resume: bool = False, progress: bool = 
 
     if not cmd.methods and not cmd.baselines:
         raise UserError("the benchmark config lists no methods and no baselines")
-    budget = parse_count(cmd.budget)
     for a in cmd.evaluate.attacks:
         get_attack(a)
     for arch in cmd.baselines:
@@ -304,7 +336,7 @@ def benchmark_run(cmd: BenchmarkCommand, resume: bool = False, progress: bool = 
     seeds = cmd.seed_list()
     out = Path(cmd.out) if cmd.out else Path("runs") / cmd.name
     chunk = cmd.sequential_chunk
-    first_eval = cmd.evaluate.model_copy(update={"n": min(chunk, cmd.evaluate.n)}) if chunk else cmd.evaluate
+    first_eval = member_eval(cmd)
 
     def member_dir(name: str, seed: int) -> Path:  # one seed keeps the layout of single-seed benchmarks
         return out / (name if len(seeds) == 1 else f"{name}-s{seed}")
@@ -330,32 +362,52 @@ def benchmark_run(cmd: BenchmarkCommand, resume: bool = False, progress: bool = 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", to_yaml(cmd))
 
-    dirs, labels = [], []
-    for method, rc in runs:
-        run_out = Path(rc.out)
-        if not _finished(run_out, "search_seconds"):
-            run_pipeline(rc, resume=resume or run_out.exists(), progress=progress)
-        dirs.append(run_out)
-        labels.append(method)
-    if cmd.baselines:
-        device = resolve_device(cmd.device)
-        for seed in seeds:
-            data = load_data(cmd.data, seed)
-            rc = resolved(RunCommand(name="baseline", seed=seed, device=cmd.device, data=cmd.data,
-                                     train=cmd.train, evaluate=first_eval), data)
-            for arch in cmd.baselines:
-                bout = member_dir(f"baseline-{arch}", seed)
-                if not _finished(bout, "reliable"):
-                    train_evaluate(bout, arch, data, rc, device, resume=resume or bout.exists(), progress=progress,
-                                   params=budget, at_most=True)
-                dirs.append(bout)
-                labels.append(f"{arch} (hand-crafted)")
+    members: list[dict] = [{"run": rc, "label": method} for method, rc in runs]
+    for seed in seeds if cmd.baselines else []:
+        for arch in cmd.baselines:
+            members.append({"baseline": arch, "seed": seed, "out": str(member_dir(f"baseline-{arch}", seed)),
+                            "label": f"{arch} (hand-crafted)"})
+    todo = [m for m in members if not _finished(Path(m["run"].out if "run" in m else m["out"]),
+                                                 "search_seconds" if "run" in m else "reliable")]
+    with cmd.make_executor() as executor:
+        inprocess = cmd.executor == "inprocess"
+        executor.map(BenchmarkMember(cmd, resume, progress and inprocess), todo)
+    dirs = [Path(m["run"].out if "run" in m else m["out"]) for m in members]
+    labels = [m["label"] for m in members]
     stops = None
     if chunk:
         stops = sequential_evaluation(dirs, labels, chunk, cmd.evaluate.n, batch_size=cmd.evaluate.batch_size,
                                       device=cmd.device, seed=cmd.seed)
     return compare_runs(dirs, out, labels, title=f"{cmd.name}: every method at {cmd.budget} parameters",
                         sequential=stops)
+
+
+class BenchmarkMember:
+    """One member of a benchmark, picklable for the executor: a method's `run` at one seed, or a hand-crafted
+    baseline at one seed trained and evaluated with the benchmark's recipe; it writes its own run directory."""
+
+    def __init__(self, cmd: BenchmarkCommand, resume: bool, progress: bool):
+        self.cmd, self.resume, self.progress = cmd, resume, progress
+
+    def __call__(self, member: dict) -> str:
+        if "run" in member:
+            rc = member["run"]
+            run_pipeline(rc, resume=self.resume or Path(rc.out).exists(), progress=self.progress)
+            return rc.out
+        cmd, seed, out = self.cmd, member["seed"], Path(member["out"])
+        data = load_data(cmd.data, seed)
+        rc = resolved(RunCommand(name="baseline", seed=seed, device=cmd.device, data=cmd.data, train=cmd.train,
+                                 evaluate=member_eval(cmd)), data)
+        train_evaluate(out, member["baseline"], data, rc, resolve_device(cmd.device),
+                       resume=self.resume or out.exists(), progress=self.progress,
+                       params=parse_count(cmd.budget), at_most=True)
+        return str(out)
+
+
+def member_eval(cmd: BenchmarkCommand) -> EvalConfig:
+    """The evaluation every member gets first: all `evaluate.n` images, or the first chunk when sequential."""
+    chunk = cmd.sequential_chunk
+    return cmd.evaluate.model_copy(update={"n": min(chunk, cmd.evaluate.n)}) if chunk else cmd.evaluate
 
 
 def sequential_evaluation(dirs: list[Path], labels: list[str], chunk: int, max_n: int, batch_size: int = 256,

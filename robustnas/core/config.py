@@ -231,33 +231,6 @@ class RunCommand(Command):
     baseline: BaselineConfig = BaselineConfig()
 
 
-class BenchmarkCommand(Command):
-    """`robustnas benchmark`: every listed method and hand-crafted baseline on the same data, final-network
-    parameter budget, training recipe and attacks; `methods` maps a method to its own search settings."""
-
-    name: str = "benchmark"
-    budget: ParamCount = "50k"      # parameters of every final network (searched and hand-crafted)
-    layers: Optional[int] = None    # cells of the DARTS-space final networks; None: arch.DEFAULT_LAYERS
-    reduction_layers: Optional[list[int]] = None  # their reduction cells; None: the DARTS rule
-    methods: dict[str, dict[str, Any]] = {}
-    baselines: list[str] = ["cnn"]
-    # each member is searched and trained once per seed (None: `seed` alone); a search seed is part of the
-    # method's variance, so the report's intervals span seeds and test images
-    seeds: Optional[list[int]] = Field(default=None, min_length=1)
-    # sequential evaluation: attack this many test images at a time and stop growing a pair once its interval
-    # excludes zero or it reaches evaluate.n (the maximum); None: every member on all evaluate.n images
-    sequential_chunk: Optional[int] = Field(default=None, ge=1)
-    train: TrainConfig = TrainConfig()
-    evaluate: EvalConfig = EvalConfig()
-
-    @model_validator(mode="after")
-    def _distinct_seeds(self) -> "BenchmarkCommand":
-        if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds {self.seeds} repeat a seed")
-        return self
-
-    def seed_list(self) -> list[int]:
-        return list(self.seeds) if self.seeds else [self.seed]
 
 
 def load_yaml(path: str | Path) -> dict:
