@@ -69,7 +69,7 @@ def test_train_resumes_exactly(resume_check, tmp_path):
 # ------------------------------------------------------------------------------------------ search
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_search_resumes_exactly(resume_check, tmp_path, method):
-    numbers = resume_check(_search(tmp_path, method, METHODS[method]), search_numbers)
+    numbers = resume_check(_search(tmp_path, method, METHODS[method]), search_numbers, kind="*")
     assert len(numbers["search.jsonl"]) == METHODS[method].get("epochs", METHODS[method].get("n"))
 
 
@@ -91,9 +91,9 @@ def test_run_resumes_exactly_after_two_kills(resume_check, tmp_path):
     cfg = _config(tmp_path, {"name": "tiny", "seed": 0, "data": DIGITS, "method": "darts",
                              "search": SUPERNET, "final": {"C": 4, "layers": 3},
                              "train": RECIPE, "evaluate": EVALUATE, "baseline": {"arch": "cnn"}})
-    # of 41 writes: the first kill lands in the search's second epoch, the second (in the resumed run) in the
-    # baseline's training, after the searched network was trained and evaluated
-    numbers = resume_check(["run", "--config", cfg], lambda out: run_numbers(out, "baseline"), at=(0.15, 0.56))
+    # of 43 writes: the first kill lands in the search's second epoch, the second (in the resumed run) in the
+    # baseline's second epoch, after the searched network was trained and evaluated
+    numbers = resume_check(["run", "--config", cfg], lambda out: run_numbers(out, "baseline"), at=(0.15, 0.58))
     assert numbers["metrics.json"]["n"] == 20 and numbers["baseline/metrics.json"]["n"] == 20
 
 
@@ -117,7 +117,8 @@ def test_benchmark_resumes_exactly_after_two_kills(resume_check, tmp_path):
     numbers = resume_check(["benchmark", "--config", cfg],
                            lambda out: {**run_numbers(out / "random"), **read_numbers(
                                out, "compare.json", "baseline-cnn/metrics.json", "baseline-cnn/per_image.csv")},
-                           at=(0.15, 0.66))  # of 38 writes: in the first member's training, then the second's
+                           at=(0.15, 0.68))  # of 40 writes: after the first member's search, then in the
+    # second member's second epoch
     assert [e["label"] for e in numbers["compare.json"]["entries"]] == ["random", "cnn (hand-crafted)"]
 
 
