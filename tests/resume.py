@@ -18,6 +18,7 @@ seconds of import every process would otherwise spend; ROBUSTNAS_TEST_FORK=0 run
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import re
@@ -159,10 +160,14 @@ def stripped(obj: Any, out: Optional[Path] = None) -> Any:
 
 def read_numbers(out: Path, *names: str) -> dict[str, Any]:
     """The files `names` of `out` as data without timings: .json as JSON, .jsonl as a list of JSON lines,
-    .csv as a list of rows, other files as text. A missing file raises FileNotFoundError."""
+    .csv as a list of rows, .safetensors as the SHA-256 of its bytes (the same tensors, bit for bit), other
+    files as text. A missing file raises FileNotFoundError."""
     numbers: dict[str, Any] = {}
     for name in names:
         path = out / name
+        if name.endswith(".safetensors"):
+            numbers[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+            continue
         text = path.read_text()
         if name.endswith(".jsonl"):
             value: Any = [json.loads(line) for line in text.splitlines()]

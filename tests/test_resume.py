@@ -54,15 +54,16 @@ def search_numbers(out):
 
 
 def run_numbers(out, *members: str):
-    files = ["metrics.json", "per_image.csv", "train.jsonl", "genotype.json", "search.jsonl"]
-    return read_numbers(out, *files, *(f"{m}/{f}" for m in members for f in ("metrics.json", "per_image.csv")))
+    files = ["metrics.json", "per_image.csv", "model.safetensors", "train.jsonl", "genotype.json", "search.jsonl"]
+    return read_numbers(out, *files, *(f"{m}/{f}" for m in members for f in ("metrics.json", "per_image.csv",
+                                                                                "model.safetensors")))
 
 
 # ------------------------------------------------------------------------------------------ train
 def test_train_resumes_exactly(resume_check, tmp_path):
     cfg = _config(tmp_path, {"train": {"val_n": 32, "val_steps": 1}, "test_n": 30, "test_pgd_steps": 2})
-    numbers = resume_check([*TRAIN, "--config", cfg], lambda out: read_numbers(out, "metrics.json", "train.jsonl"),
-                           kind="*")
+    numbers = resume_check([*TRAIN, "--config", cfg],
+                           lambda out: read_numbers(out, "metrics.json", "train.jsonl", "model.safetensors"), kind="*")
     assert len(numbers["train.jsonl"]) == 3 and numbers["metrics.json"]["n"] == 30
 
 
@@ -105,7 +106,8 @@ def test_study_resumes_exactly(resume_check, tmp_path):
         "attacks": ["fgsm", "pgd20"], "eps": ["0.05", "0.2"], "n": 20, "batch_size": 20,
         "ensembles": {"feature": [], "budget": ["unmatched"], "random": [2]}})
     # of 34 writes: after the second job's training, before its attacks and result.json
-    numbers = resume_check(["study", "--config", cfg], lambda out: read_numbers(out, "study.json", "table.csv"))
+    numbers = resume_check(["study", "--config", cfg], lambda out: read_numbers(
+        out, "study.json", "table.csv", *(f"models/{m}/model.safetensors" for m in ("random-0", "random-1", "cnn"))))
     assert [m["name"] for m in numbers["study.json"]["models"]] == ["random-0", "random-1", "cnn"]
 
 
@@ -116,7 +118,8 @@ def test_benchmark_resumes_exactly_after_two_kills(resume_check, tmp_path):
                              "baselines": ["cnn"], "train": RECIPE, "evaluate": EVALUATE})
     numbers = resume_check(["benchmark", "--config", cfg],
                            lambda out: {**run_numbers(out / "random"), **read_numbers(
-                               out, "compare.json", "baseline-cnn/metrics.json", "baseline-cnn/per_image.csv")},
+                               out, "compare.json", *(f"baseline-cnn/{f}" for f in (
+                                   "metrics.json", "per_image.csv", "model.safetensors")))},
                            at=(0.15, 0.68))  # of 40 writes: after the first member's search, then in the
     # second member's second epoch
     assert [e["label"] for e in numbers["compare.json"]["entries"]] == ["random", "cnn (hand-crafted)"]
