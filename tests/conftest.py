@@ -22,3 +22,23 @@ def _archive_in_tmp(tmp_path_factory):
     mp.setenv("ROBUSTNAS_ARCHIVE", str(tmp_path_factory.mktemp("archive") / "archive.sqlite"))
     yield
     mp.undo()
+
+
+@pytest.fixture(scope="session")
+def _cli_server():
+    """One process that runs robustnas commands for the resume checks (tests/resume.py)."""
+    from resume import CliServer
+
+    server = CliServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def resume_check(_cli_server, tmp_path):
+    """check(args, read, kind="write", at=(0.5,)): run `robustnas <args>` uninterrupted, and again killed mid-way
+    (at the `at` share of its fault points of `kind`, core/faults.py) and resumed; assert that read(out) of the
+    two output directories is equal and return it (tests/resume.py)."""
+    from resume import ResumeHarness
+
+    return ResumeHarness(_cli_server, tmp_path).check

@@ -55,6 +55,8 @@ def train_run(cmd: TrainCommand, resume: bool = False, progress: bool = True) ->
                              C=cmd.model.C, layers=cmd.model.layers)
     out = Path(cmd.out) if cmd.out else Path("runs") / (cmd.name or default_run_name(cmd))
     check_new_run_dir(out, resume)
+    if resume and _finished(out, "train") and read_json(out / "metrics.json")["train"]["epochs"] == cmd.train.epochs:
+        return _already_finished(out)  # asked for more epochs than it ran, the Trainer continues it below
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", to_yaml(cmd))
     return train_into(out, model, spec, data, cmd.train, seed=cmd.seed, device=device, resume=resume,
@@ -126,9 +128,17 @@ def search_run(cmd: SearchCommand, resume: bool = False, progress: bool = True):
     ctx = SearchContext(data=data, eps=eps, norm=cmd.attack.norm, device=device, seed=cmd.seed, out_dir=out,
                         progress=progress)
     result = strategy.search(ctx, resume=resume)
+    _save_history(out, result.history)
     _save_genotype(out, result.genotype)
     write_json(out / "decision.json", result.decision)
     return result, out
+
+
+def _save_history(out: Path, history: list[dict]) -> None:
+    """search.jsonl, one record per epoch / generation / candidate, from the finished search's history: a
+    strategy writes it as it goes, but a search killed after its last checkpoint and resumed has nothing
+    left to run, so only its result holds every record."""
+    atomic_write_text(out / "search.jsonl", "".join(json.dumps(h) + "\n" for h in history))
 
 
 def _save_genotype(out: Path, genotype) -> Path:
@@ -210,9 +220,8 @@ def final_network_size(cmd: RunCommand, strategy) -> dict:
 
 
 def run_pipeline(cmd: RunCommand, resume: bool = False, progress: bool = True) -> dict:
-    """search -> train the derived network -> evaluate -> the same for a hand-crafted baseline -> report."""
-    import shutil
-
+    """search -> train the derived network -> evaluate -> the same for a hand-crafted baseline -> report.
+    Resumed, a finished run (metrics.json written last) is left as it is."""
     from robustnas.evaluation.evaluate import evaluate_run, get_attack
     from robustnas.search import SearchContext, build_strategy
 
@@ -232,6 +241,8 @@ def run_pipeline(cmd: RunCommand, resume: bool = False, progress: bool = True) -
     final_kw = final_network_size(cmd, strategy)
     out = Path(cmd.out) if cmd.out else Path("runs") / cmd.name
     check_new_run_dir(out, resume)
+    if resume and _finished(out, "search_seconds"):
+        return _already_finished(out, baseline="baseline" if cmd.baseline.arch is not None else None)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", to_yaml(cmd))
 
@@ -243,8 +254,8 @@ def run_pipeline(cmd: RunCommand, resume: bool = False, progress: bool = True) -
     result = strategy.search(ctx, resume=resume)
     search_seconds = time.perf_counter() - t0
     genotype_path = _save_genotype(out, result.genotype)
-    if (out / "search" / "search.jsonl").exists():
-        shutil.copyfile(out / "search" / "search.jsonl", out / "search.jsonl")
+    for where in (out / "search", out):
+        _save_history(where, result.history)
 
     # 2. train and 3. evaluate the searched network
     torch.manual_seed(cmd.seed)
@@ -276,8 +287,20 @@ def run_pipeline(cmd: RunCommand, resume: bool = False, progress: bool = True) -
 
 
 def _finished(out: Path, key: str) -> bool:
-    """A run whose metrics.json holds `key`, written by its last step: a benchmark never redoes it."""
+    """A run whose metrics.json holds `key`, written by its last step: --resume (and a benchmark) never
+    redoes it."""
     return (out / "metrics.json").is_file() and key in read_json(out / "metrics.json")
+
+
+def _already_finished(out: Path, baseline: Optional[str] = None) -> dict:
+    """What a finished run returns when resumed: its metrics.json as it is (and its baseline's); nothing is
+    trained, attacked or written again, so an evaluation added later, or a run of an earlier release whose
+    checkpoints are gone, stays as it was."""
+    Console(stderr=True).print(f"{out} is finished: nothing to resume", highlight=False)
+    metrics = {**read_json(out / "metrics.json"), "run_dir": str(out)}
+    if baseline is not None and (out / baseline / "metrics.json").is_file():
+        metrics["baseline"] = read_json(out / baseline / "metrics.json")
+    return metrics
 
 
 class BenchmarkCommand(ExecutorSettings, Command):

@@ -13,11 +13,14 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from robustnas.core.errors import UserError
+from robustnas.core.faults import tick
 
 
 def atomic_write(path: Path, write: Callable[[str], Any], suffix: str = "") -> Path:
     """The one atomic write: `write(tmp)` fills a temporary file beside `path`, which is then renamed onto
-    it, so a reader never sees half a file and a crash leaves none (the temporary file is removed)."""
+    it, so a reader never sees half a file and a crash leaves none (the temporary file is removed). Each write
+    is a point where the resume tests kill a command (core/faults.py)."""
+    tick("write")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
