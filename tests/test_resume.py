@@ -125,23 +125,15 @@ def test_benchmark_resumes_exactly_after_two_kills(resume_check, tmp_path):
     assert [e["label"] for e in numbers["compare.json"]["entries"]] == ["random", "cnn (hand-crafted)"]
 
 
-# ------------------------------------------------------------------------------------------ known gaps
-# The Trainer (training/trainer.py) and the DARTS-space search loop (search/supernet.py) write a checkpoint as
-# two files, tensors then JSON. Killed between the two, the tensors of epoch k sit beside the JSON of epoch
-# k-1, and --resume trains epoch k a second time on top of its own result. Needed there: one atomic write per
-# checkpoint (the JSON as the safetensors file's metadata), or JSON that names the tensors file it goes with.
-TORN = pytest.mark.xfail(strict=True, reason="a checkpoint is two files (tensors, then JSON): a kill between them "
-                                             "resumes from mismatched halves (training/trainer.py, search/supernet.py)")
-
-
-@TORN
+# ------------------------------------------------------------------------------------------ torn checkpoints
+# A checkpoint is two files (training/loop.py): <name>.e<epoch>.safetensors, then <name>.json naming it. Killed
+# between the two, the JSON still names the previous epoch's tensors, so --resume repeats exactly that epoch.
 def test_train_resumes_exactly_when_killed_between_the_two_checkpoint_files(resume_check, tmp_path):
     cfg = _config(tmp_path, {"train": {"val_n": 32, "val_steps": 1}, "test_n": 30, "test_pgd_steps": 2})
     # writes: config.yaml, then per epoch checkpoint.safetensors, checkpoint.json: 5 is epoch 1's JSON
     resume_check([*TRAIN, "--config", cfg], lambda out: read_numbers(out, "metrics.json", "train.jsonl"), at=(5,))
 
 
-@TORN
 def test_search_resumes_exactly_when_killed_between_the_two_checkpoint_files(resume_check, tmp_path):
     # writes: config.yaml, then per epoch search_checkpoint.safetensors, .json, search.jsonl, genotype.json
     resume_check(_search(tmp_path, "darts", SUPERNET), search_numbers, at=(7,))
