@@ -17,6 +17,7 @@ import torch
 from robustnas.core.config import Base, validate
 from robustnas.data.datasets import Dataset
 from robustnas.core.errors import UserError
+from robustnas.core.registry import Registry
 from robustnas.nets.spaces.darts import Genotype
 
 
@@ -76,7 +77,7 @@ class Strategy(Protocol):
     def search(self, ctx: SearchContext, resume: bool = False) -> SearchResult: ...
 
 
-STRATEGIES: dict[str, type] = {}
+STRATEGIES: Registry[type] = Registry("search method")
 
 
 def register(cls: type) -> type:
@@ -87,17 +88,11 @@ def register(cls: type) -> type:
     config = getattr(cls, "Config", None)
     if not (isinstance(config, type) and issubclass(config, Base)):
         raise TypeError(f"{cls.__name__}: `Config` must be a robustnas.core.config.Base subclass")
-    if name in STRATEGIES and STRATEGIES[name] is not cls:
-        raise TypeError(f"search strategy {name!r} is registered twice ({STRATEGIES[name].__name__}, {cls.__name__})")
-    STRATEGIES[name] = cls
-    return cls
+    return STRATEGIES.add(name, cls)
 
 
 def get_strategy(name: str) -> type:
-    try:
-        return STRATEGIES[name]
-    except KeyError:
-        raise UserError(f"unknown search method {name!r}; known methods: {', '.join(sorted(STRATEGIES))}") from None
+    return STRATEGIES.lookup(name)
 
 
 def build_strategy(name: str, settings: Optional[dict] = None) -> Strategy:

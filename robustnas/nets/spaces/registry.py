@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional, Sequence
 from torch import nn
 
 from robustnas.core.errors import UserError
+from robustnas.core.registry import Registry
 
 
 class GenotypeJson:
@@ -47,21 +48,15 @@ class Space:
     cells: bool = True               # DARTS-style cells (normal/reduce edges): op-by-position applies
 
 
-SPACES: dict[str, Space] = {}
+SPACES: Registry[Space] = Registry("search space")
 
 
 def register(space: Space) -> Space:
-    if space.name in SPACES:
-        raise ValueError(f"space {space.name!r} is registered twice")
-    SPACES[space.name] = space
-    return space
+    return SPACES.add(space.name, space)
 
 
 def get_space(name: str) -> Space:
-    try:
-        return SPACES[name]
-    except KeyError:
-        raise UserError(f"'space' is {name!r}, an unknown search space; known: {', '.join(sorted(SPACES))}") from None
+    return SPACES.lookup(name)
 
 
 def parse_genotype(data: Any):
