@@ -86,3 +86,14 @@ def test_detectable_difference_has_the_asked_power():
         rejected += stats.paired_difference(np.isin(kind, (0, 1)), np.isin(kind, (0, 2)))["p"] < 0.05
     assert 0.72 <= rejected / 400 <= 0.88
     assert stats.detectable_difference(4 * n, discordance=disc) == pytest.approx(d / 2)
+
+
+def test_bootstrap_p_value_is_never_zero_and_its_floor_is_two_over_b_plus_one():
+    rng = np.random.default_rng(5)
+    base = rng.random(300)
+    a = np.stack([base < 0.9 for _ in range(2)])   # a beats b on every resample
+    b = np.stack([base < 0.2 for _ in range(2)])
+    r = stats.bootstrap_difference(a, b, n_boot=999, seed=0)
+    assert r["low"] > 0 and r["p"] == pytest.approx(2 / 1000)
+    same = stats.bootstrap_difference(a, a, n_boot=999, seed=0)  # every draw ties at zero: p is 1
+    assert same["p"] == 1.0

@@ -141,12 +141,14 @@ def seed_summary(per_seed: np.ndarray, level: float = LEVEL, n_boot: int = 2000,
 def bootstrap_difference(a: np.ndarray, b: np.ndarray, level: float = LEVEL, n_boot: int = 2000,
                          seed: int = 0) -> dict:
     """Mean accuracy of member a minus member b (seeds x images each, same images): percentile interval and
-    a two-sided bootstrap p-value (twice the smaller tail share at zero)."""
+    a two-sided bootstrap p-value: twice the smaller tail at zero, counted as (k + 1) / (n_boot + 1) so that a
+    finite bootstrap never claims p = 0 (its smallest p is 2 / (n_boot + 1))."""
     a, b = np.asarray(a, bool), np.asarray(b, bool)
     draws = bootstrap_draws([a, b], n_boot, seed)
     d = draws[:, 0] - draws[:, 1]
     lo, hi = np.quantile(d, [(1 - level) / 2, (1 + level) / 2])
-    p = min(1.0, 2 * min((d <= 0).mean(), (d >= 0).mean()))
+    tail = min(int((d <= 0).sum()), int((d >= 0).sum()))
+    p = min(1.0, 2 * (tail + 1) / (n_boot + 1))
     return {"diff": float(a.mean() - b.mean()), "low": float(lo), "high": float(hi), "n": a.shape[1],
             "p": float(p), "test": "bootstrap seeds x images", "excludes_zero": bool(lo > 0 or hi < 0)}
 
