@@ -11,9 +11,10 @@ T = TypeVar("T")
 
 
 class Registry(dict, Generic[T]):
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, field: str = ""):
         super().__init__()
         self.kind = kind  # "search space", "search method": how the one-line error names an entry
+        self.field = field  # the file field that names an entry ("space" of a genotype), quoted in the error
 
     def add(self, name: str, entry: T) -> T:
         """Register `entry` under `name`; a second registration under one name is a programming error."""
@@ -26,4 +27,5 @@ class Registry(dict, Generic[T]):
         try:
             return self[name]
         except KeyError:
-            raise UserError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self))}") from None
+            what = f"{self.field!r} is {name!r}, an unknown {self.kind}" if self.field else f"unknown {self.kind} {name!r}"
+            raise UserError(f"{what}; known: {', '.join(sorted(self))}") from None

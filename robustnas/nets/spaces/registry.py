@@ -48,7 +48,7 @@ class Space:
     cells: bool = True               # DARTS-style cells (normal/reduce edges): op-by-position applies
 
 
-SPACES: Registry[Space] = Registry("search space")
+SPACES: Registry[Space] = Registry("search space", field="space")
 
 
 def register(space: Space) -> Space:
