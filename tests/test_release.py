@@ -1,4 +1,4 @@
-"""Run directories made by the previous release (0.1, commit 6fa1a6e; tests/data/release-0.1/README.md) load,
+"""Run directories made by the previous release (0.1, commit 6fa1a6e; tests/fixtures/release-0.1/README.md) load,
 evaluate, compare and resume with this code: a `train` run with its checkpoint, and a `run` (search -> train
 -> evaluate) run whose checkpoints were not kept."""
 
@@ -17,7 +17,7 @@ from robustnas.app.cli import app
 from robustnas.nets.arch import load_model
 from resume import stripped
 
-RELEASE = Path(__file__).resolve().parent / "data" / "release-0.1"
+RELEASE = Path(__file__).resolve().parent / "fixtures" / "release-0.1"
 RUNS = ("train-cnn", "run-darts")
 
 
