@@ -28,6 +28,9 @@ from robustnas.core.rundir import atomic_write_text, read_json, write_json
 from robustnas.nets.spaces import get_space
 
 
+RANKED_BY = ("autoattack", "aa-rank")  # the attacks a comparison ranks by, first found first; then the strongest PGD
+
+
 def robust_metric(metrics: dict) -> tuple[Optional[float], str]:
     """The number a run is ranked by: standard AutoAttack accuracy, else AutoAttack-rank (aa-rank), else the
     strongest PGD it ran (labelled). The lookup is the archive's (store.metric_value), so both rank alike."""
@@ -35,7 +38,7 @@ def robust_metric(metrics: dict) -> tuple[Optional[float], str]:
 
     pgds = sorted((k for k in metrics.get("robust_acc") or {} if k.startswith("pgd") and k[3:].isdigit()),
                   key=lambda k: -int(k[3:]))
-    found = metric_value(metrics, "autoattack_acc", ["aa-rank", *pgds])
+    found = metric_value(metrics, f"{RANKED_BY[0]}_acc", [*RANKED_BY[1:], *pgds])
     return (found[0], found[1].removesuffix("_acc")) if found else (None, "-")
 
 
@@ -152,7 +155,7 @@ def _common_metric(tables: Sequence[dict]) -> Optional[str]:
     """The per-image column every table holds to rank by: autoattack (standard), else aa-rank, else the
     strongest common PGD."""
     common = set.intersection(*(set(t) for t in tables)) - {"index", "label", "clean"}
-    for name in ("autoattack", "aa-rank"):
+    for name in RANKED_BY:
         if name in common:
             return name
     pgds = sorted((c for c in common if c.startswith("pgd") and c[3:].isdigit()), key=lambda c: -int(c[3:]))

@@ -34,7 +34,7 @@ from robustnas.core.errors import UserError
 from robustnas.robustness.jacobian import jacobian_metric
 from robustnas.search.base import SearchContext, register
 from robustnas.search.supernet import SearchBatch, SupernetConfig, SupernetSearch
-from robustnas.training.trainer import epoch_seed
+from robustnas.training.loop import epoch_seed
 
 
 def certified_bound_metric(model: nn.Module, x: Tensor, y: Tensor, eps: float, method: str = "crown",

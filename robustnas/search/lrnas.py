@@ -56,7 +56,7 @@ from robustnas.search.shapley import (contribution_values, nested_values, random
 from robustnas.search.supernet import SearchBatch, SupernetConfig, SupernetSearch
 from robustnas.core.config import parse_count
 from robustnas.nets.spaces.darts import PRIMITIVES, Genotype, SuperNet
-from robustnas.training.trainer import epoch_seed
+from robustnas.training.loop import epoch_seed
 
 
 # ================================================================================================ alpha update

@@ -36,7 +36,8 @@ from robustnas.search.base import SearchContext, SearchResult, register
 from robustnas.nets.size import count_params
 from robustnas.core.config import parse_count
 from robustnas.nets.spaces.darts import Genotype, random_genotype
-from robustnas.training.trainer import Trainer, epoch_seed
+from robustnas.training.loop import epoch_seed
+from robustnas.training.trainer import Trainer
 
 DEFAULT_C = 8
 MAX_DRAWS_PER_GENOTYPE = 50  # redraws allowed per kept genotype before the budget counts as unreachable

@@ -21,7 +21,7 @@ from robustnas.core.config import TrainConfig, parse_eps
 from robustnas.data.datasets import Dataset
 from robustnas.training.loop import EpochLoop, cosine_lr, epoch_seed
 
-__all__ = ["EpochLog", "TrainResult", "Trainer", "cosine_lr", "epoch_seed", "lr_at", "resolve_device"]
+__all__ = ["EpochLog", "TrainResult", "Trainer", "lr_at", "resolve_device"]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
