@@ -70,7 +70,7 @@ class DsrnaConfig(SupernetConfig):
     # certified-bound metric: CROWN with CROWN intermediate bounds (linear bounds as in the paper; far tighter
     # than intervals on a supernet, and slow: docs/dsrna.md); crown-ibp and ibp take intermediate bounds from
     # intervals (vacuous on a deep supernet)
-    cb_method: Literal["crown", "crown-ibp", "ibp"] = "crown"
+    cb_method: Literal["crown", "crown-ibp", "ibp", "crown-fwd"] = "crown"
     cb_window: Optional[int] = Field(default=30, ge=1)        # crown: graph values an intermediate bound
     #                                                            walks back (cost ~ linear in it); None: all
     cb_n: Optional[int] = Field(default=1, ge=1)            # images the cb metric sees (None: all); CROWN's
