@@ -90,7 +90,7 @@ class ForwardBounds:
     # ------------------------------------------------------------------------------------ step rules
     def _linear(self, step: Step) -> tuple[Tensor, Tensor]:
         ins = [self.coeffs[j] for j in step.inputs]
-        zeros = [torch.zeros_like(l[:, 0]) for l, _ in ins]
+        zeros = [l.new_zeros(l.shape[0], *l.shape[2:]) for l, _ in ins]  # contiguous, as the op's input is
         bias = step.fn(*zeros)
         if step.scales is not None:  # elementwise: out = sum_j s_j * in_j + bias
             lo = hi = None
