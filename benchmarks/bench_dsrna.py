@@ -28,7 +28,8 @@ ROWS = {  # name: (method, settings)
 }
 OPTIONAL = {
     "dsrna cb crown-ibp": ("dsrna", {"metric": "cb", "cb_method": "crown-ibp", "cb_n": None}),
-    "dsrna cb crown (default: window 30, 1 image)": ("dsrna", {"metric": "cb"}),
+    "dsrna cb crown (window 30, 1 image)": ("dsrna", {"metric": "cb", "cb_method": "crown"}),
+    "dsrna cb crown-fwd (default, 1 image)": ("dsrna", {"metric": "cb"}),
 }
 
 

@@ -221,7 +221,7 @@ def data(name, n=4, seed=0):
 def all_bounds(model, x, eps, raw=False):
     """name -> (lower, upper) of the logits, for every method."""
     out = {"ibp": ibp_bounds(model, x, eps)}
-    for inter in ("ibp", "crown"):
+    for inter in ("ibp", "crown", "forward"):
         out[f"crown/{inter}"] = crown_bounds(model, x, eps, intermediate=inter, intersect_ibp=not raw)
     return out
 
@@ -272,7 +272,7 @@ def test_bounds_contain_every_point_of_the_ball(name, eps):
     x, y = data(name)
     bounds = {**all_bounds(model, x, eps), **{f"raw {k}": v for k, v in all_bounds(model, x, eps, raw=True).items()
                                               if k != "ibp"}}
-    margins = {m: margin_lower_bound(model, x, y, eps, m) for m in ("ibp", "crown-ibp", "crown")}
+    margins = {m: margin_lower_bound(model, x, y, eps, m) for m in ("ibp", "crown-ibp", "crown", "crown-fwd")}
     C = torch.tensor([[1.0, -1.0, 0.0], [0.5, 0.5, -2.0]])  # a spec shared by the batch
     spec_lo, spec_hi = crown_bounds(model, x, eps, C=C, intermediate="crown", intersect_ibp=False)
     points = ball_points(model, x, y, eps)
@@ -314,7 +314,7 @@ def test_bounds_at_eps_zero_are_the_logits(name):
     for method, (lo, hi) in all_bounds(model, x, 0.0, raw=True).items():
         torch.testing.assert_close(lo, logits, atol=1e-4, rtol=1e-4, msg=method)
         torch.testing.assert_close(hi, logits, atol=1e-4, rtol=1e-4, msg=method)
-    for method in ("ibp", "crown-ibp", "crown"):
+    for method in ("ibp", "crown-ibp", "crown", "crown-fwd"):
         torch.testing.assert_close(margin_lower_bound(model, x, y, 0.0, method), margin(logits, y),
                                    atol=1e-4, rtol=1e-4)
 
@@ -330,7 +330,7 @@ def test_crown_is_never_looser_than_ibp(name):
     for method, (lo, hi) in bounds.items():
         assert (lo >= ibp_lo - 1e-5).all() and (hi <= ibp_hi + 1e-5).all(), method
     m_ibp = margin_lower_bound(model, x, y, eps, "ibp")
-    for method in ("crown-ibp", "crown"):
+    for method in ("crown-ibp", "crown", "crown-fwd"):
         assert (margin_lower_bound(model, x, y, eps, method) >= m_ibp - 1e-5).all()
 
 
@@ -350,7 +350,7 @@ def test_bounds_widen_with_eps(name):
     model = NETS[name][0]()
     x, _ = data(name)
     crown = name in ("mlp", "hand_cnn")  # IBP is monotone by construction; CROWN only in practice
-    methods = ["ibp", "crown/ibp", "crown/crown"] if crown else ["ibp"]
+    methods = ["ibp", "crown/ibp", "crown/crown", "crown/forward"] if crown else ["ibp"]
     previous = None
     for eps in (0.0, 0.01, 0.03, 0.1):
         bounds = all_bounds(model, x, eps) if crown else {"ibp": ibp_bounds(model, x, eps)}
@@ -429,7 +429,7 @@ def test_certified_radius_is_certified_and_tight(method):
     assert acc <= correct.float().mean()
 
 
-@pytest.mark.parametrize("method", ["ibp", "crown-ibp", "crown"])
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp", "crown", "crown-fwd"])
 def test_certified_accuracy_is_at_most_clean_accuracy(method):
     model = resnetish()
     x, _ = data("resnetish", n=9, seed=4)

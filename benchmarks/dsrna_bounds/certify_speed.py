@@ -1,6 +1,7 @@
 """IBP vs CROWN time per image for certified accuracy + radius (as robustnas evaluate runs them), on a darts_v2
 network trained briefly on digits. Usage: certify_speed.py C LAYERS N METHODS [EPOCHS]; METHODS e.g.
-ibp,crown-ibp,crown:30,crown (crown:W = CROWN intermediate bounds with window W)."""
+ibp,crown-ibp,crown-fwd,crown:30,crown (crown:W = CROWN intermediate bounds with window W). Issue 16's figures
+(docs/performance.md, docs/dsrna.md): certify_speed.py 16 8 10 ibp,crown-fwd 6."""
 import sys, time, torch
 torch.set_num_threads(1)
 from robustnas.data.datasets import load_dataset

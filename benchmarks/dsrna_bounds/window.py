@@ -1,5 +1,6 @@
 """Margin bound of a supernet (BN statistics from 4 batches) by CROWN with windowed intermediate bounds, then
-IBP and CROWN-IBP. Usage: window.py C LAYERS N EPS WINDOWS(comma list, full) [DATASET]; run from the repo root
+IBP and CROWN-IBP. Usage: window.py C LAYERS N EPS WINDOWS(comma list of numbers, full, fwd) [DATASET]; fwd is
+crown-fwd (forward intermediate bounds); run from the repo root
 with PYTHONPATH=. (docs/dsrna.md)."""
 import sys, time, torch
 torch.set_num_threads(1)
@@ -18,10 +19,11 @@ with torch.no_grad():
 net.eval()
 x, y = data.val.x[:n], data.val.y[:n]
 for w in sys.argv[5].split(","):
-    w = None if w == "full" else int(w)
+    method = "crown-fwd" if w == "fwd" else "crown"
+    w = None if w in ("full", "fwd") else int(w)
     t = time.time()
     with torch.no_grad():
-        b = cert.margin_lower_bound(net, x, y, eps, "crown", window=w)
-    print(w, f"{time.time()-t:.1f}s", b.numpy(), flush=True)
+        b = cert.margin_lower_bound(net, x, y, eps, method, window=w)
+    print(method, w, f"{time.time()-t:.1f}s", b.numpy(), flush=True)
 with torch.no_grad():
     print("ibp", cert.margin_lower_bound(net, x, y, eps, "ibp").numpy(), "crown-ibp", cert.margin_lower_bound(net, x, y, eps, "crown-ibp").numpy())

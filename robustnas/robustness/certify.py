@@ -3,8 +3,10 @@
 Two bound methods, both written here (no auto_LiRPA):
 - IBP (interval bound propagation, Gowal et al. 2018): cheap, differentiable, loose.
 - CROWN (backward linear relaxation, Zhang et al. 2018) for the logits or a spec C @ logits, with
-  intermediate ReLU bounds from IBP ("crown-ibp", Zhang et al. 2020) or from CROWN itself (tighter, one
-  backward pass per layer of unstable neurons: fine on small nets).
+  intermediate ReLU bounds from IBP ("crown-ibp", Zhang et al. 2020), from CROWN itself ("crown": tighter,
+  one backward pass per unstable neuron: fine on small nets), or from forward linear bounds ("crown-fwd":
+  bounds/forward.py, about 2 (D + 1) forward passes per image for an input of D entries, whatever the
+  number of neurons).
 
 The model is traced with torch.fx and interpreted node by node (robustnas/bounds/graph.py), so any model
 made of the supported ops works, including a DARTS supernet whose MixedOp is
@@ -27,12 +29,15 @@ from typing import Iterator, Literal, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from robustnas.robustness.bounds import BoundGraph, TracedModel, tighten
+from robustnas.robustness.bounds import BoundGraph, ForwardBounds, TracedModel, tighten
 from robustnas.robustness.bounds.crown import backward_lower
 from robustnas.core.errors import UserError
 
-Method = Literal["ibp", "crown", "crown-ibp"]
-METHODS = ("ibp", "crown", "crown-ibp")
+Method = Literal["ibp", "crown", "crown-ibp", "crown-fwd"]
+METHODS = ("ibp", "crown", "crown-ibp", "crown-fwd")
+# crown-fwd: images bounded together, so that images x (input entries + 1) stays under this (memory)
+FORWARD_COLUMNS = 1024
+_INTERMEDIATE = {"ibp": None, "crown-ibp": "ibp", "crown": "crown", "crown-fwd": "forward"}
 Eps = Union[float, Tensor]
 Clip = Optional[tuple[float, float]]
 
@@ -73,8 +78,8 @@ def _input_box(x: Tensor, eps: Eps, clip: Clip) -> tuple[Tensor, Tensor]:
 
 
 def _check_intermediate(intermediate: str) -> None:
-    if intermediate not in ("ibp", "crown"):
-        raise UserError(f"certify: intermediate must be 'ibp' or 'crown', got {intermediate!r}")
+    if intermediate not in ("ibp", "crown", "forward"):
+        raise UserError(f"certify: intermediate must be 'ibp', 'crown' or 'forward', got {intermediate!r}")
 
 
 def _check_method(method: str) -> None:
@@ -91,7 +96,8 @@ def _graph(traced: TracedModel, x: Tensor, eps: Eps, clip: Clip, intermediate: O
            window: Optional[int] = None) -> BoundGraph:
     lo, hi = _input_box(x, eps, clip)
     refine = functools.partial(tighten, window=window) if intermediate == "crown" else None
-    graph = traced.propagate(lo, hi, refine, keep_steps=intermediate is not None)
+    forward = ForwardBounds(lo, hi) if intermediate == "forward" else None
+    graph = traced.propagate(lo, hi, refine, keep_steps=intermediate is not None, forward=forward)
     out = graph.steps[graph.output]
     if out.lo.dim() != 2 and intermediate is not None:
         raise UserError(f"certify: the model output has shape {tuple(out.lo.shape)}; expected logits (N, K)")
@@ -136,14 +142,15 @@ def crown_bounds(
     eps: Eps,
     clip: Clip = (0.0, 1.0),
     C: Optional[Tensor] = None,
-    intermediate: Literal["ibp", "crown"] = "ibp",
+    intermediate: Literal["ibp", "crown", "forward"] = "ibp",
     intersect_ibp: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """CROWN bounds (lower, upper) of the logits (N, K), or of C @ logits (N, S) for a spec C of shape
     (N, S, K) or (S, K).
 
     intermediate="ibp" takes ReLU pre-activation bounds from IBP (CROWN-IBP); "crown" computes them with
-    CROWN too (tighter, costlier). intersect_ibp=False returns the raw linear-relaxation bounds.
+    CROWN too (tighter, costlier); "forward" with forward linear bounds (bounds/forward.py; all images in
+    one pass). intersect_ibp=False returns the raw linear-relaxation bounds.
     """
     _check_intermediate(intermediate)
     with _eval_mode(model):
@@ -178,7 +185,18 @@ def _check_labels(x: Tensor, y: Tensor) -> None:
 
 def _margin(traced: TracedModel, x: Tensor, y: Tensor, eps: Eps, method: str, clip: Clip,
             window: Optional[int] = None) -> Tensor:
-    graph = _graph(traced, x, eps, clip, {"ibp": None, "crown-ibp": "ibp", "crown": "crown"}[method], window)
+    if method == "crown-fwd":  # forward coefficients are (images, input entries + 1, *value): chunk the images
+        per = max(1, FORWARD_COLUMNS // (x[0].numel() + 1))
+        if x.shape[0] > per:
+            per_sample = isinstance(eps, Tensor) and eps.numel() > 1
+            return torch.cat([_margin_of(traced, x[i:i + per], y[i:i + per], eps[i:i + per] if per_sample else eps,
+                                         method, clip, window) for i in range(0, x.shape[0], per)])
+    return _margin_of(traced, x, y, eps, method, clip, window)
+
+
+def _margin_of(traced: TracedModel, x: Tensor, y: Tensor, eps: Eps, method: str, clip: Clip,
+               window: Optional[int] = None) -> Tensor:
+    graph = _graph(traced, x, eps, clip, _INTERMEDIATE[method], window)
     out = graph.steps[graph.output]
     if out.lo.dim() != 2 or out.lo.shape[1] < 2:
         raise UserError(f"certify: the model output has shape {tuple(out.lo.shape)}; expected logits (N, K>=2)")
@@ -198,7 +216,8 @@ def margin_lower_bound(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, method:
     """(N,) lower bound of f_y(x') - max_{j != y} f_j(x') over the ball; > 0 certifies the sample.
 
     CROWN methods bound the differences e_y - e_j directly (the spec C), tighter than subtracting logit
-    bounds. Differentiable (e.g. in a supernet's alphas). `window` (method "crown" only): each
+    bounds. Differentiable (e.g. in a supernet's alphas; "crown-fwd" through its final backward pass, its
+    forward intermediate bounds carry no gradient: bounds/forward.py). `window` (method "crown" only): each
     intermediate bound walks back at most that many graph values and takes the intervals there
     (cost linear instead of quadratic in depth; looser); None walks back to the input.
     """

@@ -9,8 +9,9 @@ section 4):
 - "cb": R_CB = mean over the batch of the certified lower bound of the margin f_y - max_{j != y} f_j over
   the eps-ball, propagated through the supernet (robustnas.robustness.certify; a MixedOp's bound is the
   softmax(alpha)-weighted sum of its ops' bounds, so the bound is differentiable in alpha); by default
-  CROWN linear bounds with CROWN intermediate bounds on the first cb_n images (interval bounds, the
-  old default, are vacuous on a deep supernet);
+  a CROWN backward bound over forward linear intermediate bounds ("crown-fwd") on the first cb_n images
+  (interval bounds, the first default, are vacuous on a deep supernet; CROWN intermediate bounds, the
+  second, cost one backward pass per unstable neuron and do not finish on a 28x28 supernet);
 - "combined": R_CB + R_Jac.
 
 Both metrics are taken in eval mode (BatchNorm with running statistics), so that each sample's bound and
@@ -37,13 +38,14 @@ from robustnas.search.supernet import SearchBatch, SupernetConfig, SupernetSearc
 from robustnas.training.loop import epoch_seed
 
 
-def certified_bound_metric(model: nn.Module, x: Tensor, y: Tensor, eps: float, method: str = "crown",
+def certified_bound_metric(model: nn.Module, x: Tensor, y: Tensor, eps: float, method: str = "crown-fwd",
                            form: Literal["margin", "asinh"] = "margin", window: Optional[int] = None) -> Tensor:
     """R_CB: the batch mean of the margin lower bound over the Linf eps-ball (within [0, 1]).
 
-    Differentiable in the model's parameters, a supernet's alphas included. method "crown" takes the
-    intermediate bounds from CROWN too (walking back at most `window` graph values, None: to the input);
-    "crown-ibp" and "ibp" take them from intervals, which are vacuous on a deep supernet (docs/dsrna.md).
+    Differentiable in the model's parameters, a supernet's alphas included. method "crown-fwd" takes the
+    intermediate bounds from forward linear bounds (no gradient through them; the final backward pass
+    carries it); "crown" from CROWN too (walking back at most `window` graph values, None: to the input);
+    "crown-ibp" and "ibp" from intervals, which are vacuous on a deep supernet (docs/dsrna.md).
     form="asinh" averages asinh(bound) instead: the same sign and order, a bounded gradient.
     """
     bound = margin_lower_bound(model, x, y, eps, method, window=window if method == "crown" else None)
@@ -67,14 +69,15 @@ class DsrnaConfig(SupernetConfig):
     jacobian_mode: Literal["exact", "projection"] = "projection"
     projections: int = Field(default=1, ge=1)
     projection: Literal["sphere", "gaussian"] = "sphere"
-    # certified-bound metric: CROWN with CROWN intermediate bounds (linear bounds as in the paper; far tighter
-    # than intervals on a supernet, and slow: docs/dsrna.md); crown-ibp and ibp take intermediate bounds from
-    # intervals (vacuous on a deep supernet)
-    cb_method: Literal["crown", "crown-ibp", "ibp"] = "crown"
+    # certified-bound metric: crown-fwd, CROWN over forward linear intermediate bounds (linear bounds as in the
+    # paper; cost ~2 (input entries + 1) forward passes per image); crown: CROWN intermediate bounds (tighter on
+    # small supernets, one backward pass per unstable neuron: unaffordable at 28x28); crown-ibp and ibp take
+    # intermediate bounds from intervals (vacuous on a deep supernet). docs/dsrna.md has the measurements.
+    cb_method: Literal["crown-fwd", "crown", "crown-ibp", "ibp"] = "crown-fwd"
     cb_window: Optional[int] = Field(default=30, ge=1)        # crown: graph values an intermediate bound
     #                                                            walks back (cost ~ linear in it); None: all
-    cb_n: Optional[int] = Field(default=1, ge=1)            # images the cb metric sees (None: all); CROWN's
-    #                                                         cost grows with each image's unstable neurons
+    cb_n: Optional[int] = Field(default=1, ge=1)            # images the cb metric sees (None: all); each costs
+    #                                                         ~2 (D + 1) forward passes (crown-fwd)
     cb_eps: Optional[str] = None                            # None: the search's threat eps
     cb_form: Literal["margin", "asinh"] = "margin"          # margin: the paper's R_CB
     metric_n: Optional[int] = Field(default=None, ge=1)     # alpha-batch images the metric sees; None: all

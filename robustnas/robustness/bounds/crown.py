@@ -81,13 +81,20 @@ def backward_lower(graph: BoundGraph, start: int, spec: Tensor, stop: int = 0) -
     return lower
 
 
-def _relu_backward(a: Tensor, pre: Step) -> tuple[Tensor, Tensor]:
+def relu_relaxation(pre: Step) -> tuple[Tensor, Tensor, Tensor]:
+    """(lower slope, upper slope, upper bias): low_slope * z <= relu(z) <= up_slope * z + up_bias on pre's
+    interval (the lines of the module docstring), each shaped like the value."""
     l, u = pre.lo, pre.hi
     active = (l >= 0).to(l.dtype)
     unstable = (l < 0) & (u > 0)
     up_slope = torch.where(unstable, u / (u - l).clamp_min(1e-12), active)
     up_bias = torch.where(unstable, -l * up_slope, torch.zeros_like(l))
     low_slope = torch.where(unstable, (u > -l).to(l.dtype), active)
+    return low_slope, up_slope, up_bias
+
+
+def _relu_backward(a: Tensor, pre: Step) -> tuple[Tensor, Tensor]:
+    low_slope, up_slope, up_bias = relu_relaxation(pre)
     a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
     return a_pos * low_slope.unsqueeze(1) + a_neg * up_slope.unsqueeze(1), _dot(a_neg, up_bias)
 
@@ -111,17 +118,27 @@ def _windows(t: Tensor, pool: dict, fill: float) -> Tensor:
     return cols.view(t.shape[0], t.shape[1], k[0] * k[1], -1)
 
 
-def _maxpool_backward(a: Tensor, pre: Step, pool: dict) -> tuple[Tensor, Tensor]:
+def maxpool_relaxation(pre: Step, pool: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """(where, dominant, u_max), each (N, C, L) over the L output positions: x_where <= max-pool, and
+    max-pool <= x_where where dominant, else <= u_max (the lines of the module docstring); `where` is the
+    flat index of x_j in the input's H * W."""
     l, u = pre.lo, pre.hi
     n, c, h, w = l.shape
-    s = a.shape[1]
     lw, uw = _windows(l, pool, float("-inf")), _windows(u, pool, float("-inf"))
     pos = _windows(torch.arange(h * w, dtype=l.dtype, device=l.device).view(1, 1, h, w), pool, -1.0)
     j = lw.argmax(2, keepdim=True)  # (N, C, 1, L)
     u_max = uw.max(2).values
     u_others = uw.scatter(2, j, float("-inf")).max(2).values
-    dominant = (lw.gather(2, j).squeeze(2) >= u_others).unsqueeze(1)  # (N, 1, C, L)
-    where = pos.expand(n, c, -1, -1).gather(2, j).squeeze(2).long()  # flat input index of x_j, (N, C, L)
+    dominant = lw.gather(2, j).squeeze(2) >= u_others
+    where = pos.expand(n, c, -1, -1).gather(2, j).squeeze(2).long()
+    return where, dominant, u_max
+
+
+def _maxpool_backward(a: Tensor, pre: Step, pool: dict) -> tuple[Tensor, Tensor]:
+    n, c, h, w = pre.lo.shape
+    s = a.shape[1]
+    where, dominant, u_max = maxpool_relaxation(pre, pool)
+    dominant = dominant.unsqueeze(1)  # (N, 1, C, L)
     a = a.reshape(n, s, c, -1)
     a_pos, a_neg = a.clamp(min=0), a.clamp(max=0)
     coef = a_pos + torch.where(dominant, a_neg, torch.zeros_like(a_neg))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 import torch.fx as fx
@@ -34,6 +34,14 @@ SUPPORTED = (
 
 def _constant(index: int) -> Any:  # marks a traced constant; the interpreter looks it up, never calls this
     raise RuntimeError("placeholder for a traced constant")
+
+
+class ForwardHook(Protocol):
+    """What `TracedModel.propagate` calls for forward bound propagation (bounds/forward.py)."""
+
+    def step(self, graph: "BoundGraph", index: int, feeds_nonlinear: bool) -> None: ...
+
+    def release(self, index: int) -> None: ...
 
 
 class _Tracer(fx.Tracer):
@@ -77,6 +85,8 @@ class Step:
     pool: Optional[dict] = None  # maxpool: kernel_size, stride, padding, dilation, ceil_mode
     # linear with one input: its transpose on rows (M, *out_shape) -> (M, *in_shape), faster than a vjp
     transpose: Optional[Callable[[Tensor], Tensor]] = None
+    # linear: the map of radii, |linear part| (None: the linear part has no negative coefficient)
+    abs_fn: Optional[Callable[..., Tensor]] = None
     name: str = ""
 
 
@@ -262,26 +272,33 @@ class TracedModel:
 
     def propagate(self, x_lo: Tensor, x_hi: Tensor,
                   tighten: Optional[Callable[[BoundGraph, int, bool], None]] = None,
-                  keep_steps: bool = True) -> BoundGraph:
+                  keep_steps: bool = True, forward: Optional["ForwardHook"] = None) -> BoundGraph:
         """Intervals of every input-dependent value for inputs in the box [x_lo, x_hi].
 
         `tighten(graph, index, only_unstable)` may shrink the interval of a value that feeds a ReLU or a
         max-pool before it is used (CROWN intermediate bounds). keep_steps=False drops intervals once they
-        are used (enough for IBP, which needs only the output's).
+        are used (enough for IBP, which needs only the output's). `forward` sees every step as it is added
+        (`forward.step(graph, index, feeds_nonlinear)`) and every value once no node needs it any more
+        (`forward.release(index)`): forward linear bounds (bounds/forward.py).
         """
         g = BoundGraph()
         env: dict[fx.Node, Any] = {}
         have_input = False
         for position, node in enumerate(self.graph.nodes):
-            if not keep_steps and position - 1 in self.dead_after:
+            if (not keep_steps or forward is not None) and position - 1 in self.dead_after:
                 for dead in self.dead_after[position - 1]:
                     value = env.pop(dead, None)
-                    if isinstance(value, Ref) and value.index != g.output:
-                        g.steps[value.index].lo = g.steps[value.index].hi = None
+                    if isinstance(value, Ref):
+                        if forward is not None:
+                            forward.release(value.index)
+                        if not keep_steps and value.index != g.output:
+                            g.steps[value.index].lo = g.steps[value.index].hi = None
             if node.op == "placeholder":
                 if not have_input:
                     env[node] = g.add(Step("input", (), x_lo, x_hi, name=node.name))
                     have_input = True
+                    if forward is not None:
+                        forward.step(g, env[node].index, False)
                 elif node.args:  # extra forward argument with a default value
                     env[node] = node.args[0]
                 else:
@@ -314,6 +331,8 @@ class TracedModel:
                 continue
             value = self._bound(node, module, op, tuple(args), kwargs, g)
             env[node] = value
+            if forward is not None and isinstance(value, Ref):
+                forward.step(g, value.index, node in self.feeds_nonlinear)
             if tighten is not None and isinstance(value, Ref) and node in self.feeds_nonlinear:
                 tighten(g, value.index, self.feeds_nonlinear[node])
         if g.output < 0:
@@ -477,7 +496,7 @@ class TracedModel:
         if scales is not None and not all(s.lo.shape == lo.shape for s in ins):
             scales = None  # broadcasting: leave it to the vjp
         return g.add(Step("linear", tuple(r.index for r in refs), lo, hi, fn=fn, scales=scales, transpose=transpose,
-                          name=node.name))
+                          abs_fn=abs_fn, name=node.name))
 
 
 def _conv_transpose(conv: nn.Module, in_shape: torch.Size) -> Optional[Callable[[Tensor], Tensor]]:
