@@ -168,7 +168,8 @@ def search(
              "data": {"dataset": dataset, "data_dir": data_dir, "subset": subset}, "attack": {"eps": eps}}
     cmd = _run(validate, SearchCommand, deep_update(base, flags))
     result, out_dir = _run(search_run, cmd, resume=resume, progress=progress)
-    console.print(f"{out_dir}/genotype.json written ({result.seconds:.0f} s)")
+    over = f" over {result.sessions} sessions" if result.sessions > 1 else ""
+    console.print(f"{out_dir}/genotype.json written ({result.seconds:.0f} s of search{over})")
     _warn_undecided(result.decision)
 
 

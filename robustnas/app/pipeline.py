@@ -250,9 +250,8 @@ def run_pipeline(cmd: RunCommand, resume: bool = False, progress: bool = True) -
     torch.manual_seed(cmd.seed)
     ctx = SearchContext(data=data, eps=eps, norm=cmd.train.attack.norm, device=device, seed=cmd.seed,
                         out_dir=out / "search", progress=progress)
-    t0 = time.perf_counter()
     result = strategy.search(ctx, resume=resume)
-    search_seconds = time.perf_counter() - t0
+    search_seconds = result.seconds  # summed over the sessions (run and resumes) that ran the search
     genotype_path = _save_genotype(out, result.genotype)
     for where in (out / "search", out):
         _save_history(where, result.history)
@@ -266,6 +265,7 @@ def run_pipeline(cmd: RunCommand, resume: bool = False, progress: bool = True) -
     searched = evaluate_run(out, attacks=ev.attacks, n=ev.n, batch_size=ev.batch_size, certify=ev.certify,
                             device=str(device), seed=cmd.seed, progress=progress, interval=ev.interval)
     searched["search_seconds"] = search_seconds
+    searched["search_sessions"] = result.sessions
     searched["search_method"] = cmd.method
     searched["search_decision"] = result.decision
 
