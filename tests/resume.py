@@ -143,11 +143,12 @@ class CliServer:
 
 
 # ------------------------------------------------------------------------------------------ reading numbers
-TIMING = re.compile(r"(^|_)seconds$|latency|_ms(_|$)|^images_per_s$|^cost_s$")
+TIMING = re.compile(r"(^|_)seconds$|(^|_)sessions$|latency|_ms(_|$)|^images_per_s$|^cost_s$")
 
 
 def stripped(obj: Any, out: Optional[Path] = None) -> Any:
-    """`obj` without wall-clock figures (keys like seconds, *_seconds, images_per_s) and with the output
+    """`obj` without wall-clock figures (keys like seconds, *_seconds, images_per_s; *_sessions, how many
+    processes the work took) and with the output
     directory's path written as <out>: what must be equal between an interrupted and an uninterrupted run."""
     if isinstance(obj, dict):
         return {k: stripped(v, out) for k, v in obj.items() if not TIMING.search(str(k))}
@@ -191,12 +192,13 @@ class ResumeHarness:
         return self.server.run([*args, "--out", str(out), "--no-progress"], self.tmp, log, env), log
 
     def check(self, args: Sequence[str], read: Callable[[Path], Any], kind: str = "write",
-              at: Sequence[float | int] = (0.5,)) -> Any:
+              at: Sequence[float | int] = (0.5,), after_kill: Optional[Callable[[Path], Any]] = None) -> Any:
         """Kill `robustnas <args>` at each point of `at`: a float is that share of the `kind` ticks the
         uninterrupted run made ("*": ticks of every kind), an int that tick itself, counted in the process
         killed; with several points the first kills a fresh run and each next one the --resume run after it.
         Then --resume to the end, and assert read(interrupted dir) == read(uninterrupted dir). Returns the
-        numbers."""
+        numbers. `after_kill(interrupted dir)`, when given, is called after each kill (to look at what the
+        killed run left, e.g. its checkpoint's recorded time)."""
         ref_dir, cut_dir, ticks = self.tmp / "uninterrupted", self.tmp / "interrupted", self.tmp / "ticks.txt"
         rc, log = self._run(args, ref_dir, "uninterrupted", {COUNT_ENV: str(ticks)})
         assert rc == 0, f"uninterrupted run failed ({rc}):\n{log.read_text()[-3000:]}"
@@ -216,6 +218,8 @@ class ResumeHarness:
                 early = None
             assert early != expected, (f"killed at {kind} point {n} of {total}, the run had already written its "
                                        f"final numbers: choose an earlier point")
+            if after_kill is not None:
+                after_kill(cut_dir)
         rc, log = self._run([*args, "--resume"], cut_dir, "resume")
         assert rc == 0, f"--resume failed ({rc}):\n{log.read_text()[-3000:]}"
         got = read(cut_dir)

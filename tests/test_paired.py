@@ -160,23 +160,53 @@ def test_plan_estimates_every_member_and_writes_nothing(tmp_path):
     from robustnas.core.stats import detectable_difference
 
     assert f"{detectable_difference(30, 2, 0.3):.3f} at n=30" in result.output.replace("\n", " ")
+    assert "after a few PGD-AT steps" in result.output
     assert not (tmp_path / "bench").exists()
 
 
-def test_plan_extrapolates_search_cost_from_the_calibration_runs(monkeypatch, data, tmp_path):
-    """With a search whose cost is a known function of its settings, the estimate is that cost."""
+def test_plan_extrapolates_search_cost_from_the_calibration_search(monkeypatch, data, tmp_path):
+    """With a search whose epochs cost a known amount (set-up, per batch and per epoch, a warm-up epoch less
+    than a full one), the estimate from one short calibration search's records is that cost."""
     from types import SimpleNamespace
 
     from robustnas.app import pipeline
 
-    def cost(cfg):  # set-up + per epoch + per batch
-        return 3.0 + 2.0 * cfg.epochs + 0.5 * cfg.epochs * cfg.max_batches_per_epoch
+    warm, full, fixed = (0.2, 1.0), (0.5, 3.0), 4.0  # (per batch, per epoch) of each kind; set-up
 
-    monkeypatch.setattr(pipeline, "_timed", lambda fn, *a, **k: (cost(fn.__self__.cfg), SimpleNamespace(genotype=None)))
-    settings = {"C": 4, "layers": 3, "epochs": 7, "max_batches_per_epoch": 5, "warmup_epochs": 2}
-    est, _, strategy = pipeline.calibrate_search("darts", settings, data, 0.1, "Linf", "cpu", 0, tmp_path)
-    assert est == pytest.approx(cost(strategy.cfg))
+    def search(cfg):  # what the calibration search would record, from the settings it was given
+        records = []
+        for e in range(cfg.epochs):
+            per_batch, per_epoch = warm if e < cfg.warmup_epochs else full
+            records.append({"epoch": e, "seconds": cfg.max_batches_per_epoch * per_batch + per_epoch,
+                            "images_per_s": cfg.batch_size / per_batch})
+        return fixed + sum(r["seconds"] for r in records), SimpleNamespace(genotype=None, history=records)
+
+    seen = []
+    monkeypatch.setattr(pipeline, "_timed", lambda fn, *a, **k: seen.append(fn.__self__.cfg) or search(seen[-1]))
+    settings = {"C": 4, "layers": 3, "epochs": 7, "batch_size": 8, "max_batches_per_epoch": 5, "warmup_epochs": 2}
+    cost, _, strategy = pipeline.calibrate_search("darts", settings, data, 0.1, "Linf", "cpu", 0, tmp_path)
+    (cal,) = seen  # one short search: two epochs of at most 4 batches, the first a warm-up one
+    assert (cal.epochs, cal.max_batches_per_epoch, cal.warmup_epochs) == (2, 4, 1)
     assert strategy.cfg.warmup_epochs == 2  # the real settings, not the calibration's
+    assert cost.seconds(strategy.cfg, len(data.train)) == pytest.approx(fixed + 2 * (5 * 0.2 + 1) + 5 * (5 * 0.5 + 3))
+
+
+def test_plan_search_estimate_grows_with_the_batches_it_will_run(data, tmp_path):
+    """A real calibration search (darts, tiny): doubling max_batches_per_epoch doubles the batches' share of
+    the estimate (its per-batch cost was measured, > 0) and leaves set-up and per-epoch costs as they are."""
+    from robustnas.app import pipeline
+    from robustnas.search import build_strategy
+
+    settings = {"C": 4, "layers": 3, "epochs": 3, "batch_size": 8, "max_batches_per_epoch": 6, "val_n": 16,
+                "val_steps": 1}
+    cost, genotype, strategy = pipeline.calibrate_search("darts", settings, data, 0.1, "Linf", "cpu", 0, tmp_path)
+    assert genotype is not None and cost.full[0] > 0 and cost.full[1] >= 0 and cost.warm is None
+    one = cost.seconds(strategy.cfg, len(data.train))
+    two = cost.seconds(build_strategy("darts", {**settings, "max_batches_per_epoch": 12}).cfg, len(data.train))
+    assert two - one == pytest.approx(3 * 6 * cost.full[0])
+    assert one < two <= 2 * one
+    more_epochs = cost.seconds(build_strategy("darts", {**settings, "epochs": 6}).cfg, len(data.train))
+    assert more_epochs - one == pytest.approx(3 * (6 * cost.full[0] + cost.full[1]))
 
 
 def test_evaluate_takes_the_exact_interval_and_refuses_an_unknown_one(runs, tmp_path):

@@ -5,6 +5,8 @@ ends with exactly the numbers of an uninterrupted run. The harness is the `resum
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -59,6 +61,31 @@ def run_numbers(out, *members: str):
                                                                                 "model.safetensors")))
 
 
+def search_clock(search_dir) -> dict:
+    """The search time a search directory has recorded ({"seconds", "sessions"}): its epoch loop's checkpoint
+    (training/loop.py), else random search's search_clock.json."""
+    checkpoint = search_dir / "search_checkpoint.json"
+    if checkpoint.exists():
+        return json.loads(checkpoint.read_text())["elapsed"]
+    return json.loads((search_dir / "search_clock.json").read_text())
+
+
+class KilledClocks:
+    """`after_kill` for the harness: the search time each killed run had recorded in `sub` of its directory."""
+
+    def __init__(self, sub: str = ""):
+        self.sub, self.seen, self.out = sub, [], None
+
+    def __call__(self, out) -> None:
+        self.out = out
+        self.seen.append(search_clock(out / self.sub))
+
+    def assert_carried(self, seconds: float, sessions: int) -> None:
+        """The resumed search's time covers the killed runs' (up to their last checkpoints), over `sessions`."""
+        assert sessions == len(self.seen) + 1
+        assert seconds >= max(c["seconds"] for c in self.seen) > 0
+
+
 # ------------------------------------------------------------------------------------------ train
 def test_train_resumes_exactly(resume_check, tmp_path):
     cfg = _config(tmp_path, {"train": {"val_n": 32, "val_steps": 1}, "test_n": 30, "test_pgd_steps": 2})
@@ -70,21 +97,32 @@ def test_train_resumes_exactly(resume_check, tmp_path):
 # ------------------------------------------------------------------------------------------ search
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_search_resumes_exactly(resume_check, tmp_path, method):
-    numbers = resume_check(_search(tmp_path, method, METHODS[method]), search_numbers, kind="*")
+    killed = KilledClocks()
+    numbers = resume_check(_search(tmp_path, method, METHODS[method]), search_numbers, kind="*", after_kill=killed)
     assert len(numbers["search.jsonl"]) == METHODS[method].get("epochs", METHODS[method].get("n"))
+    if method == "random":  # random search keeps its time beside its scored candidates, not in an epoch loop
+        final = search_clock(killed.out)
+        killed.assert_carried(final["seconds"], final["sessions"])
 
 
 def test_lrnas_search_resumes_exactly_when_killed_inside_a_contribution_round(resume_check, tmp_path):
     # one round of two orderings: killed between them
-    numbers = resume_check(_search(tmp_path, "lrnas", LRNAS), search_numbers, kind="item", at=(0.5,))
+    killed = KilledClocks()
+    numbers = resume_check(_search(tmp_path, "lrnas", LRNAS), search_numbers, kind="item", at=(0.5,),
+                           after_kill=killed)
     rounds = [r for r in numbers["search.jsonl"] if r["stage"] == "contributions"]
     assert len(rounds) == 1 and all(len(r["contributions"]["value"]) == 224 for r in rounds)
+    final = search_clock(killed.out)  # the round's checkpoint, written by the resumed run
+    killed.assert_carried(final["seconds"], final["sessions"])
 
 
 def test_tamnas_search_resumes_exactly_when_killed_between_generations(resume_check, tmp_path):
     # of 17 writes: the second generation's checkpoint (the first one's is on disk)
-    numbers = resume_check(_search(tmp_path, "tamnas", TAMNAS), search_numbers, at=(0.5,))
+    killed = KilledClocks()
+    numbers = resume_check(_search(tmp_path, "tamnas", TAMNAS), search_numbers, at=(0.5,), after_kill=killed)
     assert [r["generation"] for r in numbers["search.jsonl"] if r["phase"] == "nsga2"] == [0, 1, 2]
+    final = search_clock(killed.out)  # the last generation's progress, written by the resumed run
+    killed.assert_carried(final["seconds"], final["sessions"])
 
 
 # ------------------------------------------------------------------------------------------ run, study, benchmark
@@ -94,8 +132,13 @@ def test_run_resumes_exactly_after_two_kills(resume_check, tmp_path):
                              "train": RECIPE, "evaluate": EVALUATE, "baseline": {"arch": "cnn"}})
     # of 43 writes: the first kill lands in the search's second epoch, the second (in the resumed run) in the
     # baseline's second epoch, after the searched network was trained and evaluated
-    numbers = resume_check(["run", "--config", cfg], lambda out: run_numbers(out, "baseline"), at=(0.15, 0.58))
+    killed = KilledClocks("search")
+    numbers = resume_check(["run", "--config", cfg], lambda out: run_numbers(out, "baseline"), at=(0.15, 0.58),
+                           after_kill=killed)
     assert numbers["metrics.json"]["n"] == 20 and numbers["baseline/metrics.json"]["n"] == 20
+    # the search ran in the first two sessions and was reloaded in the third: its time is theirs summed
+    metrics = json.loads((killed.out / "metrics.json").read_text())
+    killed.assert_carried(metrics["search_seconds"], metrics["search_sessions"])
 
 
 def test_study_resumes_exactly(resume_check, tmp_path):

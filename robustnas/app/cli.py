@@ -168,7 +168,8 @@ def search(
              "data": {"dataset": dataset, "data_dir": data_dir, "subset": subset}, "attack": {"eps": eps}}
     cmd = _run(validate, SearchCommand, deep_update(base, flags))
     result, out_dir = _run(search_run, cmd, resume=resume, progress=progress)
-    console.print(f"{out_dir}/genotype.json written ({result.seconds:.0f} s)")
+    over = f" over {result.sessions} sessions" if result.sessions > 1 else ""
+    console.print(f"{out_dir}/genotype.json written ({result.seconds:.0f} s of search{over})")
     _warn_undecided(result.decision)
 
 
@@ -293,7 +294,12 @@ def _print_plan(p: dict) -> None:
         table.add_row(m["label"], f"{m['params']:,}", *(f"{m[k]:.0f}" for k in ("search_s", "train_s", "attack_s")),
                       str(m["seeds"]), f"{m['total_s']:.0f}")
     console.print(table)
-    console.print(f"total: {p['total_s'] / 60:.1f} min for {len(p['seeds'])} seed(s) {p['seeds']}")
+    console.print(f"total: {p['total_s'] / 60:.1f} min for {len(p['seeds'])} seed(s) {p['seeds']}"
+                  + (f"; about {p['wall_s'] / 60:.1f} min of wall time with {p['workers']} members at once "
+                     f"(each on one thread, if the cores are free)" if p["workers"] > 1 else ""))
+    timed = ", ".join(f"{m['label']} {m['timed_on']['clean']:.2f}/{m['timed_on']['robust']:.2f}" for m in p["members"])
+    console.print(f"attacks timed on each network after a few PGD-AT steps (clean/robust accuracy: {timed}); "
+                  f"a more robust final network costs more (AutoAttack attacks only the images still robust)")
     a = p["assumed"]
     console.print(f"smallest AutoAttack difference between two members detected with {p['power']:.0%} power "
                   f"(paired test at {p['alpha']}; assumed discordance {a['discordance']}, seed sd {a['seed_sd']}): "

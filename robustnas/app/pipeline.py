@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -250,9 +251,8 @@ def run_pipeline(cmd: RunCommand, resume: bool = False, progress: bool = True) -
     torch.manual_seed(cmd.seed)
     ctx = SearchContext(data=data, eps=eps, norm=cmd.train.attack.norm, device=device, seed=cmd.seed,
                         out_dir=out / "search", progress=progress)
-    t0 = time.perf_counter()
     result = strategy.search(ctx, resume=resume)
-    search_seconds = time.perf_counter() - t0
+    search_seconds = result.seconds  # summed over the sessions (run and resumes) that ran the search
     genotype_path = _save_genotype(out, result.genotype)
     for where in (out / "search", out):
         _save_history(where, result.history)
@@ -266,6 +266,7 @@ def run_pipeline(cmd: RunCommand, resume: bool = False, progress: bool = True) -
     searched = evaluate_run(out, attacks=ev.attacks, n=ev.n, batch_size=ev.batch_size, certify=ev.certify,
                             device=str(device), seed=cmd.seed, progress=progress, interval=ev.interval)
     searched["search_seconds"] = search_seconds
+    searched["search_sessions"] = result.sessions
     searched["search_method"] = cmd.method
     searched["search_decision"] = result.decision
 
@@ -477,6 +478,9 @@ def sequential_evaluation(dirs: list[Path], labels: list[str], chunk: int, max_n
 
 # ------------------------------------------------------------------------------------------ benchmark --plan
 PLAN_KNOBS = ("epochs", "max_batches_per_epoch", "generations", "n")  # a search's cost grows with these
+CAL_BATCHES = 4   # batches per epoch of a calibration search (the per-batch cost comes from them)
+CAL_EPOCHS = 2    # epochs of a calibration training: the second, warm one is timed
+CAL_IMAGES = 50   # test images of a calibration evaluation
 
 
 def _timed(fn, *args, **kw) -> tuple[float, object]:
@@ -485,75 +489,133 @@ def _timed(fn, *args, **kw) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
+def _warmup_knobs(cfg) -> dict[str, int]:
+    """A method's warm-up stages (integer epoch counts: weights only, no alpha or regulariser step)."""
+    return {k: getattr(cfg, k) for k in type(cfg).model_fields
+            if (k.endswith("warmup_epochs") or k == "adv_only_epochs") and isinstance(getattr(cfg, k), int)}
+
+
+@dataclass
+class SearchCost:
+    """A search's cost model, from one short calibration search's own records (seconds and images/s of each
+    epoch, seconds of each NSGA-II generation and of each scored candidate): set-up and finish (`fixed`), per
+    batch and per-epoch overhead (validation, LRNAS's contribution round) of a warm-up epoch and of a full
+    one, per generation, per candidate. `seconds(cfg)` extrapolates it to a strategy's real settings."""
+
+    fixed: float = 0.0
+    warm: Optional[tuple[float, float]] = None   # (per batch, per-epoch overhead) of a warm-up epoch
+    full: Optional[tuple[float, float]] = None   # the same of a full epoch
+    generation: float = 0.0
+    candidate: float = 0.0
+
+    def seconds(self, cfg, train_size: int) -> float:
+        epochs = getattr(cfg, "epochs", 0)
+        warm = min(max(_warmup_knobs(cfg).values(), default=0), epochs)
+        batches = batches_per_epoch(cfg, train_size)
+        total = self.fixed + getattr(cfg, "generations", 0) * self.generation + getattr(cfg, "n", 0) * self.candidate
+        for count, kind in ((warm, self.warm or self.full), (epochs - warm, self.full or self.warm)):
+            if count and kind is not None:
+                total += count * (batches * kind[0] + kind[1])
+        return total
+
+    @classmethod
+    def from_records(cls, history: list[dict], seconds: float, cal_cfg, batches: int) -> "SearchCost":
+        warm_epochs = max(_warmup_knobs(cal_cfg).values(), default=0)
+        cost, recorded = cls(), 0.0
+        gens, cands = [], []
+        for r in history:
+            recorded += r.get("seconds", 0.0)
+            if "images_per_s" in r and "epoch" in r:  # an epoch: its batches, then validation (and the like)
+                per_batch = cal_cfg.batch_size / r["images_per_s"]
+                kind = (per_batch, max(r["seconds"] - batches * per_batch, 0.0))
+                if r["epoch"] < warm_epochs:
+                    cost.warm = kind      # the last of each kind: the later, the fewer first-call costs
+                else:
+                    cost.full = kind
+            elif "generation" in r:
+                gens.append(r["seconds"])
+            elif "index" in r and "seconds" in r:
+                cands.append(r["seconds"])
+        cost.generation = sum(gens) / len(gens) if gens else 0.0
+        cost.candidate = sum(cands) / len(cands) if cands else 0.0
+        cost.fixed = max(seconds - recorded, 0.0)
+        return cost
+
+
+def batches_per_epoch(cfg, train_size: int) -> int:
+    """Optimisation steps per epoch of a search: `max_batches_per_epoch`, or the (smaller) half of the
+    training images a supernet search splits into weight and alpha batches, in batches."""
+    portion = getattr(cfg, "train_portion", None)
+    images = train_size if portion is None else min(round(portion * train_size), train_size - round(portion * train_size))
+    whole = math.ceil(images / getattr(cfg, "batch_size", 1))
+    return min(whole, getattr(cfg, "max_batches_per_epoch", None) or whole)
+
+
 def calibrate_search(method: str, settings: dict, data: Dataset, eps: float, norm: str, device, seed: int,
-                     tmp: Path) -> tuple[float, object, object]:
-    """Estimated seconds of a method's search: timed at 1 of each cost knob it has (epochs, batches per
-    epoch, generations, candidates; warm-up stages off; after one untimed run), then once per knob at up to
-    4; the costs are taken as additive (batches multiply with epochs) and extrapolated to the real settings.
-    Returns the estimate, the calibration search's genotype and the real strategy."""
+                     tmp: Path) -> tuple[SearchCost, object, object]:
+    """A method's search cost model from one short search: its real settings but at most 2 epochs of
+    CAL_BATCHES batches (a warm-up stage cut to its first epoch), one NSGA-II generation, one candidate.
+    Returns the cost model, the calibration search's genotype and the real strategy."""
     from robustnas.search import SearchContext, build_strategy
 
     strategy = build_strategy(method, settings)
     cfg, fields = strategy.cfg, type(strategy.cfg).model_fields
-    knobs = [k for k in PLAN_KNOBS if k in fields]
-    off = {k: 0 for k in fields if k.endswith("warmup_epochs") or k == "adv_only_epochs"}  # every warm-up stage
-    base = {**settings, **{k: 1 for k in knobs}, **off}
-
-    def run(over: dict, tag: str):
-        ctx = SearchContext(data=data, eps=eps, norm=norm, device=device, seed=seed, out_dir=tmp / f"{method}-{tag}",
-                            progress=False)
-        torch.manual_seed(seed)
-        return _timed(build_strategy(method, {**base, **over}).search, ctx)
-
-    epochs = getattr(cfg, "epochs", 1)
-    per_epoch = getattr(cfg, "max_batches_per_epoch", None) or math.ceil(
-        len(data.train) * getattr(cfg, "train_portion", 1.0) / getattr(cfg, "batch_size", 1))
-    real = {"epochs": epochs, "max_batches_per_epoch": per_epoch, "generations": getattr(cfg, "generations", 1),
-            "n": getattr(cfg, "n", 1)}
-    run({}, "warmup")  # first calls (imports, allocations) would count as set-up cost
-    t0, result = run({}, "base")
-    slope = {}
-    for k in knobs:  # a step of up to 3 lifts the knob's cost above the timing noise
-        step = min(real[k], 4) - 1
-        slope[k] = max(run({k: step + 1}, k)[0] - t0, 0.0) / step if step > 0 else 0.0
-    # an epoch step adds an epoch of one batch; the other batches come with every epoch
-    extra = {"epochs": epochs - 1, "max_batches_per_epoch": epochs * (per_epoch - 1),
-             "generations": real["generations"] - 1, "n": real["n"] - 1}
-    est = t0 + sum(slope[k] * extra[k] for k in knobs)
-    return est, result.genotype, strategy
+    cal = {"epochs": min(getattr(cfg, "epochs", 1), 2),
+           "max_batches_per_epoch": min(batches_per_epoch(cfg, len(data.train)), CAL_BATCHES),
+           "generations": 1, "n": 1}
+    cal = {k: v for k, v in cal.items() if k in fields}
+    cal.update({k: min(v, 1) for k, v in _warmup_knobs(cfg).items()})
+    small = build_strategy(method, {**settings, **cal})
+    ctx = SearchContext(data=data, eps=eps, norm=norm, device=device, seed=seed, out_dir=tmp / method, progress=False)
+    torch.manual_seed(seed)
+    t, result = _timed(small.search, ctx)
+    cost = SearchCost.from_records(result.history, t, small.cfg, batches_per_epoch(small.cfg, len(data.train)))
+    return cost, result.genotype, strategy
 
 
-def calibrate_train(model: torch.nn.Module, data: Dataset, train: TrainConfig, eps: float, device, seed: int) -> float:
-    """Estimated seconds of training `model` with `train`: one epoch timed on 2 and on 4 batches gives the
-    cost of a batch and of the per-epoch validation."""
+def calibrate_train(model: torch.nn.Module, data: Dataset, train: TrainConfig, eps: float, device,
+                    seed: int) -> float:
+    """Estimated seconds of training `model` with `train`, from CAL_EPOCHS short epochs of CAL_BATCHES
+    batches each, the last (warm) one timed: its cost per batch and of its validation. The model is left
+    so trained (a few PGD-AT steps: the attacks are timed on it)."""
     from robustnas.data.datasets import Dataset as DS
 
-    cfg = train.model_copy(update={"epochs": 1})
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    times = []
-    for k in (2, 4):
-        model.load_state_dict(state)
-        part = DS(meta=data.meta, train=data.train.head(k * cfg.batch_size), val=data.val, test=data.test)
-        times.append(_timed(Trainer(model, part, cfg, eps, seed=seed, device=device, progress=False).fit)[0])
-    model.load_state_dict(state)
-    per_batch = max(times[1] - times[0], 0.0) / 2
-    per_val = max(times[0] - 2 * per_batch, 0.0)
+    cfg = train.model_copy(update={"epochs": CAL_EPOCHS})
+    part = DS(meta=data.meta, train=data.train.head(CAL_BATCHES * cfg.batch_size), val=data.val, test=data.test)
+    last = Trainer(model, part, cfg, eps, seed=seed, device=device, progress=False).fit().history[-1]
+    seen = min(len(part.train), CAL_BATCHES * cfg.batch_size)
+    per_batch = seen / last.images_per_s / math.ceil(seen / cfg.batch_size)
+    per_val = max(last.seconds - seen / last.images_per_s, 0.0)
     return train.epochs * (math.ceil(len(data.train) / train.batch_size) * per_batch + per_val)
 
 
 def calibrate_attack(model: torch.nn.Module, data: Dataset, cmd: BenchmarkCommand, eps: float, device, seed: int,
-                     m: int = 50) -> float:
+                     m: int = CAL_IMAGES) -> tuple[float, dict]:
     """Estimated seconds of `evaluate` on cmd.evaluate.n images: the whole evaluation (attacks, sanity checks,
-    certification) timed on m images and scaled by n / m (the sanity checks' capped extra attacks make this
-    an upper estimate past 200 images)."""
+    certification) timed on m images and scaled by n / m; the sanity checks' extra attacks, which see at most
+    200 images, are timed on the same share of the m. Returns it with the timed model's clean and robust
+    accuracy: pyautoattack attacks only the images still robust, so a more robust model costs more."""
+    import inspect
+
     from robustnas.evaluation.evaluate import evaluate_model
 
     ev = cmd.evaluate
     m = min(m, ev.n, len(data.test))
-    t, _ = _timed(evaluate_model, model, data.test.x[:m], data.test.y[:m], eps, attacks=ev.attacks,
-                  norm=cmd.train.attack.norm, certify=ev.certify, batch_size=ev.batch_size, device=device, seed=seed,
-                  progress=False, sanity_n=m)
-    return t * ev.n / m
+    cap = inspect.signature(evaluate_model).parameters["sanity_n"].default  # what evaluate_run's checks see
+    sanity = max(1, round(m * min(cap, ev.n) / ev.n))
+    t, metrics = _timed(evaluate_model, model, data.test.x[:m], data.test.y[:m], eps, attacks=ev.attacks,
+                        norm=cmd.train.attack.norm, certify=ev.certify, batch_size=ev.batch_size, device=device,
+                        seed=seed, progress=False, sanity_n=sanity)
+    return t * ev.n / m, {"clean": metrics["clean_acc"], "robust": min(metrics["robust_acc"].values())}
+
+
+def _wall(seconds: list[float], workers: int) -> float:
+    """Wall time of jobs handed in this order to `workers` workers, each taking the next when it is free."""
+    free = [0.0] * max(workers, 1)
+    for s in seconds:
+        i = free.index(min(free))
+        free[i] += s
+    return max(free)
 
 
 def benchmark_plan(cmd: BenchmarkCommand, discordance: float = 0.2, seed_sd: float = 0.0, alpha: float = 0.05,
@@ -574,42 +636,54 @@ def benchmark_plan(cmd: BenchmarkCommand, discordance: float = 0.2, seed_sd: flo
         if arch not in list_models():
             raise UserError(f"baseline {arch!r} is not a hand-crafted model; use one of {', '.join(list_models())}")
     device = resolve_device(cmd.device)
-    data = load_data(cmd.data, cmd.seed)
+    data = load_data(cmd.data, cmd.seed)  # one load: every calibration uses it
     eps = parse_eps(cmd.train.attack.eps if cmd.train.attack.eps is not None else data.meta.eps)
     budget = parse_count(cmd.budget)
     seeds = cmd.seed_list()
+    # members run in the executor's workers, one torch thread each (core/executor.py): timed so
+    workers = 1 if cmd.executor == "inprocess" else cmd.executor_options.get("workers") or os.cpu_count() or 1
+    threads = torch.get_num_threads()
+    if cmd.executor != "inprocess":
+        torch.set_num_threads(1)
     members = []
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        for method, settings in cmd.methods.items():
-            from robustnas.search import build_strategy
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            for method, settings in cmd.methods.items():  # each method calibrated once, for all its seeds
+                from robustnas.search import build_strategy
 
-            settings = dict(settings or {})
-            strategy = build_strategy(method, settings)
-            if hasattr(strategy, "final_size") and "max_params" in type(strategy.cfg).model_fields:
-                settings.setdefault("max_params", cmd.budget)
-            search_s, genotype, strategy = calibrate_search(method, settings, data, eps, cmd.train.attack.norm,
+                settings = dict(settings or {})
+                strategy = build_strategy(method, settings)
+                if hasattr(strategy, "final_size") and "max_params" in type(strategy.cfg).model_fields:
+                    settings.setdefault("max_params", cmd.budget)
+                cost, genotype, strategy = calibrate_search(method, settings, data, eps, cmd.train.attack.norm,
                                                             device, cmd.seed, tmp)
-            final = {} if hasattr(strategy, "final_size") else {"params": cmd.budget, "layers": cmd.layers,
-                                                                 "reduction_layers": cmd.reduction_layers}
-            rc = RunCommand(name=method, method=method, search=settings, final=final)
-            torch.manual_seed(cmd.seed)
-            model, _ = build_arch(str(_save_genotype(tmp / f"{method}-base", genotype)), data.meta,
-                                  **final_network_size(rc, strategy))
-            members.append({"label": method, "search_s": search_s, "model": model})
-        for arch in cmd.baselines:
-            torch.manual_seed(cmd.seed)
-            model, _ = build_arch(arch, data.meta, params=budget, at_most=True)
-            members.append({"label": f"{arch} (hand-crafted)", "search_s": 0.0, "model": model})
-        for mem in members:
-            model = mem.pop("model")
-            mem["params"] = count_params(model)
-            mem["train_s"] = calibrate_train(model, data, cmd.train, eps, device, cmd.seed)
-            mem["attack_s"] = calibrate_attack(model, data, cmd, eps, device, cmd.seed)
-            mem["seeds"] = len(seeds)
-            mem["total_s"] = len(seeds) * (mem["search_s"] + mem["train_s"] + mem["attack_s"])
+                final = {} if hasattr(strategy, "final_size") else {"params": cmd.budget, "layers": cmd.layers,
+                                                                     "reduction_layers": cmd.reduction_layers}
+                rc = RunCommand(name=method, method=method, search=settings, final=final)
+                torch.manual_seed(cmd.seed)
+                model, _ = build_arch(str(_save_genotype(tmp / method, genotype)), data.meta,
+                                      **final_network_size(rc, strategy))
+                members.append({"label": method, "search_s": cost.seconds(strategy.cfg, len(data.train)),
+                                "model": model})
+            for arch in cmd.baselines:
+                torch.manual_seed(cmd.seed)
+                model, _ = build_arch(arch, data.meta, params=budget, at_most=True)
+                members.append({"label": f"{arch} (hand-crafted)", "search_s": 0.0, "model": model})
+            for mem in members:
+                model = mem.pop("model")
+                mem["params"] = count_params(model)
+                mem["train_s"] = calibrate_train(model, data, cmd.train, eps, device, cmd.seed)
+                mem["attack_s"], mem["timed_on"] = calibrate_attack(model, data, cmd, eps, device, cmd.seed)
+                mem["seeds"] = len(seeds)
+                mem["total_s"] = len(seeds) * (mem["search_s"] + mem["train_s"] + mem["attack_s"])
+    finally:
+        torch.set_num_threads(threads)
     n = cmd.evaluate.n
     detect = {k: detectable_difference(k, len(seeds), discordance, seed_sd, alpha, power) for k in (n, 2 * n, 4 * n)}
+    # the executor's order: every method's seeds, then every baseline's (benchmark_run's member list)
+    jobs = [(m["total_s"] / len(seeds)) for m in members for _ in seeds]
     return {"members": members, "total_s": sum(m["total_s"] for m in members), "n": n, "seeds": seeds,
+            "workers": workers, "wall_s": _wall(jobs, workers),
             "detectable": detect, "assumed": {"discordance": discordance, "seed_sd": seed_sd},
             "alpha": alpha, "power": power, "device": str(device)}

@@ -48,11 +48,15 @@ class SearchContext:
 class SearchResult:
     """The searched architecture (a Genotype, or a dict for spaces that are not DARTS cells), one
     record per epoch / generation as written to search.jsonl, wall time, method-specific extras, and
-    `decision`: whether the search decided anything (analysis.search_decision; {} when the method gives none)."""
+    `decision`: whether the search decided anything (analysis.search_decision; {} when the method gives none).
+
+    `seconds` is the search's wall time summed over the `sessions` that ran it (the first run and each
+    --resume; training/loop.SessionClock): a resumed search carries the time recorded in its checkpoint."""
 
     genotype: Union[Genotype, dict]
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    sessions: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
     decision: dict[str, Any] = field(default_factory=dict)
 

@@ -10,7 +10,8 @@ accuracy, "robust" and "clean" those accuracies alone, ties to the higher clean 
 draw; "first" returns the first draw and trains nothing (pure random sampling).
 
 Candidates go through an executor (`executor`), `chunk` at a time; search.jsonl gets one line per
-candidate after each chunk, and `resume` skips the candidates already there.
+candidate after each chunk, and `resume` skips the candidates already there; search_clock.json beside it
+(written after search.jsonl) holds the search's wall time so far, which a resume carries on.
 """
 
 from __future__ import annotations
@@ -31,12 +32,12 @@ from robustnas.core.config import ParamCount, TrainConfig
 from robustnas.data.datasets import Dataset, DatasetMeta
 from robustnas.core.errors import UserError
 from robustnas.core.executor import ExecutorSettings
-from robustnas.core.rundir import atomic_write_text
+from robustnas.core.rundir import atomic_write_text, read_json, write_json
 from robustnas.search.base import SearchContext, SearchResult, register
 from robustnas.nets.size import count_params
 from robustnas.core.config import parse_count
 from robustnas.nets.spaces.darts import Genotype, random_genotype
-from robustnas.training.loop import epoch_seed
+from robustnas.training.loop import SessionClock, epoch_seed
 from robustnas.training.trainer import Trainer
 
 DEFAULT_C = 8
@@ -98,6 +99,9 @@ class RandomConfig(ExecutorSettings):
         return v
 
 
+CLOCK = "search_clock.json"  # the search's wall time so far (training/loop.SessionClock's state)
+
+
 @dataclass
 class ProxyScorer:
     """Trains one candidate briefly and scores it on validation images. Picklable and deterministic in its
@@ -152,9 +156,9 @@ class RandomSearch:
                 for i, (g, c) in enumerate(drawn)]
 
     def search(self, ctx: SearchContext, resume: bool = False) -> SearchResult:
-        cfg, t0 = self.cfg, time.perf_counter()
+        cfg, clock = self.cfg, SessionClock()
         items = self.candidates(ctx)
-        records = self._unscored(items[0]) if cfg.select == "first" else self._score(items, ctx, resume)
+        records = self._unscored(items[0]) if cfg.select == "first" else self._score(items, ctx, resume, clock)
         self._save(ctx.out_dir, records)
         best = self.pick(records)
         genotype = Genotype.from_dict(best["genotype"])
@@ -164,7 +168,7 @@ class RandomSearch:
             from robustnas.nets.genotypes import save_genotype
 
             save_genotype(genotype, ctx.out_dir / "genotype.json")
-        return SearchResult(genotype=genotype, history=records, seconds=time.perf_counter() - t0,
+        return SearchResult(genotype=genotype, history=records, seconds=clock.seconds(), sessions=clock.sessions,
                             extra={"chosen": best["index"], "C": best["C"], "layers": cfg.layers,
                                    "rejected_draws": self.rejected},
                             decision=search_decision(acc=best.get("val_clean"), n=min(cfg.train.val_n, len(ctx.data.val)),
@@ -173,10 +177,14 @@ class RandomSearch:
     def _unscored(self, item: dict) -> list[dict]:
         return [{"index": item["index"], "genotype": item["genotype"], "C": item["C"], "layers": self.cfg.layers}]
 
-    def _score(self, items: list[dict], ctx: SearchContext, resume: bool) -> list[dict]:
-        """Every candidate's proxy score, through the executor `chunk` at a time (search.jsonl after each)."""
+    def _score(self, items: list[dict], ctx: SearchContext, resume: bool, clock: SessionClock) -> list[dict]:
+        """Every candidate's proxy score, through the executor `chunk` at a time (search.jsonl, then the clock,
+        after each)."""
         cfg = self.cfg
         done = self._load(ctx.out_dir, items) if resume else {}
+        clock_file = Path(ctx.out_dir) / CLOCK if ctx.out_dir is not None else None
+        if done and clock_file.exists():
+            clock.resumed(read_json(clock_file))
         records = [done[i] for i in sorted(done)]
         todo = [it for it in items if it["index"] not in done]
         train = cfg.train.model_copy(update={"attack": cfg.train.attack.model_copy(update={"norm": ctx.norm})})
@@ -194,6 +202,8 @@ class RandomSearch:
                         if ctx.on_epoch_end is not None:
                             ctx.on_epoch_end(rec)
                     self._save(ctx.out_dir, records)
+                    if clock_file is not None:
+                        write_json(clock_file, clock.state())
                     best = self.pick(records)
                     bar.update(task, completed=len(records), info=f"best #{best['index']} clean "
                                f"{best['val_clean']:.3f} robust {best['val_robust']:.3f}")

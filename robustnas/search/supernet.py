@@ -35,7 +35,7 @@ from robustnas.nets.genotypes import save_genotype
 from robustnas.search.base import SearchContext, SearchResult
 from robustnas.nets.spaces import get_space
 from robustnas.nets.spaces.darts import SuperNet
-from robustnas.training.loop import EpochLoop, cosine_lr, epoch_seed
+from robustnas.training.loop import EpochLoop, SessionClock, cosine_lr, epoch_seed
 from robustnas.training.trainer import resolve_device
 
 CHECKPOINT = "search_checkpoint"  # .json + .e<epoch>.safetensors; not "checkpoint": the Trainer's, in a run dir
@@ -359,9 +359,9 @@ class SupernetSearch:
 
     # ================================================================================ the epochs
     def search(self, ctx: SearchContext, resume: bool = False) -> SearchResult:
+        clock = SessionClock()  # set-up included; a resume carries the checkpoint's time on
         self.setup(ctx)
-        t_start = time.perf_counter()
-        self.loop = self.epoch_loop()
+        self.loop = self.epoch_loop(clock)
         if resume:
             self.loop.resume()
 
@@ -378,16 +378,16 @@ class SupernetSearch:
             save_genotype(genotype, ctx.out_dir / "genotype.json")
         alphas = {k: w.tolist() for k, w in self.net.op_weights().items()}
         last = self.history[-1] if self.history else {}
-        return SearchResult(genotype=genotype, history=self.history, seconds=time.perf_counter() - t_start,
+        return SearchResult(genotype=genotype, history=self.history, seconds=clock.seconds(), sessions=clock.sessions,
                             extra={"alphas": alphas, "supernet_params": sum(p.numel() for p in self.weights)},
                             decision=self.decision(alphas, last.get("val_clean", float("nan"))))
 
-    def epoch_loop(self) -> EpochLoop:
+    def epoch_loop(self, clock: Optional[SessionClock] = None) -> EpochLoop:
         """The epoch scaffold over this search's state (after `setup`): `.resume()` loads the checkpoint."""
         ctx = self.ctx
         return EpochLoop(ctx.out_dir, CHECKPOINT, ctx.seed, self.cfg.epochs, self.steps_per_epoch, self._identity(),
                          {"net": self.net, "w_opt": self.w_opt, "a_opt": self.a_opt, "extra": _MethodState(self)},
-                         log="search.jsonl", progress=ctx.progress, description=f"search {self.name}")
+                         log="search.jsonl", progress=ctx.progress, description=f"search {self.name}", clock=clock)
 
     def train_epoch(self, epoch: int, g: torch.Generator) -> dict[str, Any]:
         """One epoch of bilevel steps (batches of both halves in the order `g` draws), then validation; the

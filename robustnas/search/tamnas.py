@@ -14,7 +14,6 @@ search.jsonl has one record per supernet epoch and per generation (front, hyperv
 
 from __future__ import annotations
 
-import time
 from typing import Any, ClassVar, Literal, Optional, Sequence
 
 import numpy as np
@@ -35,7 +34,7 @@ from robustnas.nets.size import count_params
 from robustnas.core.config import parse_count
 from robustnas.nets.spaces.tiny import (TinyGenotype, TinyNetwork, TinySuperNet, genotype_params, layer_frequencies,
                                    model_spec, recalibrate_bn)
-from robustnas.training.loop import EpochLoop, epoch_seed, progress_bar
+from robustnas.training.loop import EpochLoop, SessionClock, epoch_seed, progress_bar
 from robustnas.training.trainer import Trainer, resolve_device
 
 CHECKPOINT = "search_checkpoint"  # .e<epoch>.safetensors (supernet, optimizer) + .json (history, NSGA-II state)
@@ -124,12 +123,12 @@ class TamNas:
                             self.cfg.eval_pgd_steps, self.cfg.recal_batch_size, self.ctx.seed)
 
     def search(self, ctx: SearchContext, resume: bool = False) -> SearchResult:
+        clock = SessionClock()  # set-up included; a resume carries the checkpoint's time on
         self.setup(ctx)
         cfg = self.cfg
-        t_start = time.perf_counter()
         loop = self.loop = EpochLoop(ctx.out_dir, CHECKPOINT, ctx.seed, cfg.epochs, self.trainer.steps_per_epoch,
                                      self._identity(), {"net": self.net, "opt": self.trainer.opt}, log="search.jsonl",
-                                     progress=ctx.progress, description="search tamnas")
+                                     progress=ctx.progress, description="search tamnas", clock=clock)
         if resume:
             loop.resume()
         self.history = loop.history  # supernet epochs, then NSGA-II generations
@@ -180,8 +179,8 @@ class TamNas:
         last = next((r for r in reversed(self.history) if "val_clean_largest" in r), {})  # the supernet's last epoch
         decision = search_decision(acc=last.get("val_clean_largest"), n=min(cfg.val_n, len(self.eval_y)),
                                    num_classes=ctx.data.meta.num_classes, what="supernet (largest subnet)")
-        return SearchResult(genotype=best.to_dict(), history=self.history, seconds=time.perf_counter() - t_start,
-                            extra=extra, decision=decision)
+        return SearchResult(genotype=best.to_dict(), history=self.history, seconds=clock.seconds(),
+                            sessions=clock.sessions, extra=extra, decision=decision)
 
     # ------------------------------------------------------------------------------------ run / report
     def final_size(self) -> dict:

@@ -25,6 +25,9 @@ A user supplies its per-epoch work and the state it owns (modules, optimizers, o
 - Keep-best: with `select` (record -> key, larger is better), the weights of `state[best_of]` at the best
   epoch are kept and checkpointed; `restore_best()` loads them.
 - `log`: a JSONL file of the history, rewritten after every checkpoint (search.jsonl).
+- `clock` (a `SessionClock`): the wall time of the work so far, summed over the sessions (the first run and
+  every resume) that made it; each checkpoint records it and a resume carries it on, so a resumed search
+  reports the time of all its parts (up to each killed session's last checkpoint), not only the last one.
 Checkpoints written before this scaffold (<name>.json without "format", <name>.safetensors) are read by one
 function, `_old_format` at the end of this file, and rewritten in the current format when `run` starts.
 """
@@ -34,6 +37,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -64,17 +68,38 @@ def progress_bar(enabled: bool) -> Progress:
                     TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False)
 
 
+class SessionClock:
+    """Wall time of one piece of work summed over the sessions that made it: started when created, it adds
+    what earlier sessions recorded (`resumed`, from a checkpoint's `state()`). `sessions` counts the processes
+    that ran it, this one included. The time a killed session spent after its last checkpoint is lost."""
+
+    def __init__(self):
+        self.carried, self.sessions, self._t0 = 0.0, 1, time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.carried + time.perf_counter() - self._t0
+
+    def state(self) -> dict[str, Any]:
+        return {"seconds": self.seconds(), "sessions": self.sessions}
+
+    def resumed(self, state: Optional[dict[str, Any]]) -> None:
+        """Carry on from a checkpoint's `state()` (None: a checkpoint that recorded none, nothing carried)."""
+        if state:
+            self.carried, self.sessions = float(state["seconds"]), int(state["sessions"]) + 1
+
+
 class EpochLoop:
     """Runs epochs start_epoch..epochs-1 of `one_epoch`, checkpointing into out_dir/name.* after each."""
 
     def __init__(self, out_dir: Optional[Path], name: str, seed: int, epochs: int, steps_per_epoch: int,
                  identity: dict[str, Any], state: dict[str, Any], select: Optional[Callable[[dict], Any]] = None,
                  best_of: str = "model", log: Optional[str] = None, progress: bool = False,
-                 description: str = "train"):
+                 description: str = "train", clock: Optional[SessionClock] = None):
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.name, self.seed, self.epochs, self.steps_per_epoch = name, seed, epochs, steps_per_epoch
         self.identity, self.state, self.select, self.best_of, self.log = identity, state, select, best_of, log
         self.progress, self.description = progress, description
+        self.clock = clock if clock is not None else SessionClock()  # checkpointed as "elapsed"
         self.history: list[dict] = []       # one record per epoch (users may append others: TAM-NAS generations)
         self.extra: dict[str, Any] = {}     # the user's JSON state, checkpointed with the history
         self.start_epoch = 0                # the first epoch `run` trains
@@ -165,7 +190,8 @@ class EpochLoop:
                               for pid, st in obj.state_dict()["state"].items()}
                       for sname, obj in self.state.items() if isinstance(obj, torch.optim.Optimizer)}
         meta = {"format": FORMAT, "epoch": self.start_epoch - 1, "tensors": self._tensors, "identity": self.identity,
-                "history": self.history, "best_epoch": self.best_epoch, "optimizers": optimizers, "extra": self.extra}
+                "history": self.history, "best_epoch": self.best_epoch, "optimizers": optimizers, "extra": self.extra,
+                "elapsed": self.clock.state()}
         atomic_write_text(self.out_dir / f"{self.name}.json", json.dumps(meta))
         for f in [*self.out_dir.glob(f"{self.name}.e*.safetensors"), self.out_dir / f"{self.name}.safetensors"]:
             if f.name != self._tensors:
@@ -204,6 +230,7 @@ class EpochLoop:
                 obj.load_state_dict(mine)
         self.best_state = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
         self.history, self.best_epoch, self.extra = meta["history"], meta["best_epoch"], meta["extra"]
+        self.clock.resumed(meta.get("elapsed"))
         self.start_epoch = meta["epoch"] + 1
         self._tensors, self._old = meta.get("tensors"), old
         return True
