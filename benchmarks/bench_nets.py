@@ -250,15 +250,14 @@ def main() -> None:
         return
     # aa-rank vs standard AutoAttack on briefly PGD-trained networks of three families (bench_aa_rank's
     # comparison, smaller: --aa-n images, --aa-epochs epochs on --aa-train images)
-    from benchmarks.bench_aa_rank import compare_aa_rank
+    from benchmarks.bench_aa_rank import compare_aa_rank, summary_lines
 
     aa_data = load_dataset(m.name, subset=args.aa_train, seed=0)
     print(f"\naa-rank vs standard AutoAttack: {m.name}, eps {EPS}, n = {min(args.aa_n, len(aa_data.test.y))}, "
           f"PGD-AT {args.aa_epochs} epoch(s) on {len(aa_data.train.y)} images", flush=True)
     res = compare_aa_rank(aa_data, n=args.aa_n, eps=EPS, epochs=args.aa_epochs, device=str(dev),
                           log=lambda line: print(line, flush=True))
-    print(f"aa_fast_speedup {min(r['speedup'] for r in res):.1f}")
-    print(f"aa_fast_max_disagreement {max(r['gap'] for r in res):.3f}")
+    print("\n".join(summary_lines(res)))
 
 
 if __name__ == "__main__":
