@@ -109,11 +109,15 @@ def attacked_copy(model: nn.Module, fold_bn: bool = True) -> nn.Module:
 
 # ------------------------------------------------------------------------------------------ the runner
 class AttackRunner:
-    """Runs attacks on fixed images and keeps, per attack, which images stayed robust."""
+    """Runs attacks on fixed images and keeps, per attack, which images stayed robust. It attacks
+    `attacked_copy(model, fold_bn)` (and of the surrogate), kept as `self.model`: evaluate_model, extend_per_image
+    and the study's attack table all attack through it."""
 
     def __init__(self, model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: str, batch_size: int,
                  seed: int, bar: Progress, surrogate: Optional[nn.Module], log: list[str],
-                 options: dict[str, dict]):
+                 options: dict[str, dict], fold_bn: bool = True):
+        model = attacked_copy(model, fold_bn)
+        surrogate = attacked_copy(surrogate, fold_bn) if surrogate is not None else None
         self.model, self.x, self.y, self.eps, self.norm = model, x, y, eps, norm
         self.options = options
         self.batch_size, self.seed, self.bar, self.surrogate, self.log = batch_size, seed, bar, surrogate, log
@@ -387,14 +391,13 @@ def evaluate_model(
     x, y = x.detach().to(device, torch.float32), y.to(device)
     log = log if log is not None else []
     n = len(x)
-    attacked = attacked_copy(model, fold_bn)
-    surrogate = attacked_copy(transfer_from, fold_bn) if transfer_from is not None else None
 
     bar = Progress(TextColumn("[bold]{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), disable=not progress)
     with bar:
-        runner = AttackRunner(attacked, x, y, eps, norm, batch_size, seed, bar, surrogate, log,
-                         {k.lower(): dict(v) for k, v in (attack_options or {}).items()})
+        runner = AttackRunner(model, x, y, eps, norm, batch_size, seed, bar, transfer_from, log,
+                              {k.lower(): dict(v) for k, v in (attack_options or {}).items()}, fold_bn)
+        attacked = runner.model  # the folded copy (or model itself): the sanity checks see what was attacked
         masks: dict[str, Tensor] = {}
         for name in names:
             masks[name] = runner.run(name)
@@ -664,8 +667,7 @@ def extend_per_image(run_dir: str | Path, count: int, batch_size: int = 256, dev
     if "transfer" in names:
         raise UserError(f"{run_dir} was evaluated with the transfer attack, which sequential evaluation cannot "
                         f"extend (no surrogate); drop it from the attacks")
-    runner = AttackRunner(attacked_copy(model, fold_bn), x, y, eps, norm, batch_size, seed, Bar(disable=True), None,
-                          [], {})
+    runner = AttackRunner(model, x, y, eps, norm, batch_size, seed, Bar(disable=True), None, [], {}, fold_bn)
     new = {"clean": runner.clean, **{k: runner.run(k) for k in names}}
     old = {c: torch.as_tensor(table[c]) for c in ("clean", *names)}
     labels = torch.cat([torch.as_tensor(table["label"]), y.cpu()])
