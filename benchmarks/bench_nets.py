@@ -14,6 +14,9 @@ so that load on the machine hits them alike. Variants: `old` (the code before is
 activations, one ReLU per op), `default` (what the code does now: channels_last on CPU, one ReLU per
 cell state or MixedOp input) and for attacks `bnfold` (default + models.fast.fold_bn).
 `speedup <name>` is default / old; `cnn_ratio <name>` is a family's GFLOP/s over the CNN's.
+The last two lines, `aa_fast_speedup` and `aa_fast_max_disagreement`, come from benchmarks/bench_aa_rank.py's
+comparison of aa-rank with standard AutoAttack (smallest speedup, largest disagreement in points over a CNN, a
+darts_v2 and a PreAct-ResNet briefly PGD-trained; --aa-n test images, default 100; --aa-n 0 skips it).
 
 Run from the repository root: python -m benchmarks.bench_nets [--quick] [--compile]
 """
@@ -27,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from robustnas.robustness.attacks import ATTACKS, pgd
+from robustnas.robustness.attacks import pgd
 from robustnas.data.datasets import load_dataset
 from robustnas.core.errors import UserError
 from robustnas.nets.genotypes import build_network
@@ -115,6 +118,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of each AT step (old, default)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compiling)")
     ap.add_argument("--quick", action="store_true", help="batch 64, 2 rounds: a few minutes on 2 idle cores")
+    ap.add_argument("--aa-n", type=int, default=100, help="test images of the aa-rank vs AutoAttack comparison (0: skip)")
+    ap.add_argument("--aa-train", type=int, default=2000, help="training images of its PGD-AT networks")
+    ap.add_argument("--aa-epochs", type=int, default=2, help="PGD-AT epochs of its networks")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     if args.quick:
@@ -239,11 +245,19 @@ def main() -> None:
             print(f"cnn_ratio {name} {gf / cnn:.2f}")
     for name, r in results.items():
         print(f"peak_ratio {name} {r['at']['default'] / peak:.2f}")
-    rank = [n for n in ATTACKS if "rank" in n]
-    if not rank:
-        print("aa_fast_speedup n/a")
-    else:  # the AutoAttack ranking mode exists: compare it with full AutoAttack on the DARTS network
-        print(f"aa_fast_speedup n/a  (attack {rank[0]!r} exists; its comparison is not written yet)")
+    if args.aa_n <= 0:
+        print("aa_fast_speedup n/a  (--aa-n 0)")
+        return
+    # aa-rank vs standard AutoAttack on briefly PGD-trained networks of three families (bench_aa_rank's
+    # comparison, smaller: --aa-n images, --aa-epochs epochs on --aa-train images)
+    from benchmarks.bench_aa_rank import compare_aa_rank, summary_lines
+
+    aa_data = load_dataset(m.name, subset=args.aa_train, seed=0)
+    print(f"\naa-rank vs standard AutoAttack: {m.name}, eps {EPS}, n = {min(args.aa_n, len(aa_data.test.y))}, "
+          f"PGD-AT {args.aa_epochs} epoch(s) on {len(aa_data.train.y)} images", flush=True)
+    res = compare_aa_rank(aa_data, n=args.aa_n, eps=EPS, epochs=args.aa_epochs, device=str(dev),
+                          log=lambda line: print(line, flush=True))
+    print("\n".join(summary_lines(res)))
 
 
 if __name__ == "__main__":

@@ -341,3 +341,27 @@ def test_hrs_and_pareto_front():
     pts = [(0.9, 0.3, 100), (0.8, 0.5, 100), (0.8, 0.4, 100), (0.7, 0.5, 50), (0.9, 0.3, 100)]
     assert pareto_front(pts, maximize=(True, True, False)) == [0, 1, 3, 4]
     assert pareto_front([]) == []
+
+
+def test_folding_batchnorm_changes_no_per_image_result(digits, robust):
+    """evaluate attacks a BatchNorm-folded copy by default: on a trained model every image gets the same verdict
+    from FGSM and PGD-20 (and the sanity checks the same numbers) as with the model as it is."""
+    from robustnas.evaluation.evaluate import attacked_copy
+
+    assert any(isinstance(m, nn.BatchNorm2d) for m in robust.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in attacked_copy(robust).modules())
+    x, y = digits.test.x[:120], digits.test.y[:120]
+    runs = {}
+    for fold in (True, False):
+        per_image: dict = {}
+        m = evaluate_model(robust, x, y, EPS, attacks=("fgsm", "pgd20"), progress=False, per_image=per_image,
+                           sanity_n=60, fold_bn=fold)
+        runs[fold] = m, per_image
+    (folded, folded_rows), (plain, plain_rows) = runs[True], runs[False]
+    assert folded["bn_folded"] and not plain["bn_folded"]
+    assert 0 < folded["robust_acc"]["pgd20"] < folded["clean_acc"]  # some images robust, some broken
+    for k in plain_rows:
+        assert torch.equal(folded_rows[k], plain_rows[k]), k
+    for k in ("clean_acc", "robust_acc", "worst_case_acc", "robustness_curve", "sanity", "params", "flops"):
+        assert folded[k] == plain[k], k
+    assert robust.training is False and any(p.requires_grad for p in robust.parameters())  # model untouched

@@ -21,7 +21,19 @@ BUILD = {
     "arnas": lambda: build_network("arnas_cifar10", 8, 5, 10, SHAPE, MEAN, STD, reduction_layers=[0, 2]),
     "supernet": lambda: ArnasSuperNet(4, 10, 3, SHAPE, MEAN, STD),
     "cnn": lambda: build_model("cnn", 10, SHAPE, MEAN, STD, width=0.25),
+    "preact_resnet": lambda: build_model("preact_resnet", 10, SHAPE, MEAN, STD, width=0.125),
+    "mobilenetv2": lambda: build_model("mobilenetv2", 10, SHAPE, MEAN, STD, width=0.25),
+    "tiny": lambda: _tiny(),
 }
+
+
+def _tiny():
+    import numpy as np
+
+    from robustnas.nets.spaces.tiny import TinySpace
+
+    geno = TinySpace().decode(TinySpace().sample(np.random.default_rng(0)))
+    return build_network(geno, None, None, 10, SHAPE, MEAN, STD)
 
 
 def _net(name):
@@ -81,8 +93,15 @@ def test_normalize_follows_its_device():
     assert not norm.to("meta").use_channels_last()  # off the CPU the layout is left alone
 
 
-@pytest.mark.parametrize("name", ["darts", "arnas", "supernet", "cnn"])
+# BatchNorms that follow no conv and stay: a supernet's pools (parameter-free BN), a pre-activation block's
+# first BN and the final BN before the pool (PreAct-ResNet)
+LEFT_ALLOWED = {"supernet", "preact_resnet"}
+
+
+@pytest.mark.parametrize("name", ["darts", "arnas", "supernet", "cnn", "preact_resnet", "mobilenetv2", "tiny"])
 def test_fold_bn_keeps_eval_outputs_and_input_gradients(name):
+    from robustnas.nets.ops import FactorizedReduce
+
     net = _net(name)
     x, y = _batch(8)
     net.train()
@@ -95,9 +114,11 @@ def test_fold_bn_keeps_eval_outputs_and_input_gradients(name):
     n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
     n_left = sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     assert n_left < n_bn and not folded.training
-    # only the pools' parameter-free BatchNorms of a supernet's MixedOps have no conv to go into
-    if name != "supernet":
+    if name not in LEFT_ALLOWED:
         assert n_left == 0
+    if name == "darts":  # the reduction cells' preprocessing: one BN over FactorizedReduce's two convs
+        reduces = [m for m in folded.modules() if isinstance(m, FactorizedReduce)]
+        assert reduces and all(isinstance(m.bn, torch.nn.Identity) for m in reduces)
     ref_logits, (ref_gx, *_) = _loss_and_grads(net, x, y)
     logits, (gx, *_) = _loss_and_grads(folded, x, y)
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)

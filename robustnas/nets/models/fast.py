@@ -10,7 +10,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from robustnas.nets.models.resnet import PreActBlock
 from robustnas.nets.ops import FactorizedReduce
+
+# modules whose forward feeds a conv's output straight into a BatchNorm and nowhere else, outside a Sequential:
+# (conv attribute, BatchNorm attribute) pairs that fold_bn folds too
+FOLDABLE_PAIRS: dict[type, tuple[tuple[str, str], ...]] = {PreActBlock: (("conv1", "bn2"),)}  # + WideResNet's
 
 
 def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d, lo: int = 0) -> None:
@@ -27,9 +32,14 @@ def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d, lo: int = 0) -> None:
         conv.bias = nn.Parameter((bias * scale + shift).to(conv.weight.dtype), requires_grad=conv.weight.requires_grad)
 
 
+def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    return (type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats
+            and bn.running_mean is not None)
+
+
 def fold_bn(model: nn.Module) -> nn.Module:
     """An eval-mode copy of `model` with every BatchNorm2d that directly follows a Conv2d (in a Sequential,
-    or after FactorizedReduce's two convs) folded into that conv: y = W'x + b' with W' = W*g/sqrt(var+e),
+    after FactorizedReduce's two convs, or a pair of FOLDABLE_PAIRS) folded into that conv: y = W'x + b' with W' = W*g/sqrt(var+e),
     b' = beta - mean*g/sqrt(var+e). Same outputs and input gradients up to float rounding. For attacks
     and evaluation only: the copy has no BatchNorm to train, and `model` itself is not changed."""
     folded = copy.deepcopy(model).eval()
@@ -40,11 +50,13 @@ def fold_bn(model: nn.Module) -> nn.Module:
             m.bn = nn.Identity()
         elif isinstance(m, nn.Sequential):
             for i in range(len(m) - 1):
-                conv, bn = m[i], m[i + 1]
-                if (type(conv) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats
-                        and bn.running_mean is not None):
-                    _folded(conv, bn)
+                if _foldable(m[i], m[i + 1]):
+                    _folded(m[i], m[i + 1])
                     m[i + 1] = nn.Identity()
+        for conv_name, bn_name in FOLDABLE_PAIRS.get(type(m), ()):
+            if _foldable(getattr(m, conv_name), getattr(m, bn_name)):
+                _folded(getattr(m, conv_name), getattr(m, bn_name))
+                setattr(m, bn_name, nn.Identity())
     return folded
 
 
