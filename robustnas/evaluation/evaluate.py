@@ -35,9 +35,9 @@ from robustnas.core.errors import UserError
 from robustnas.nets.models.fast import fold_bn as folded_copy
 from robustnas.nets.size import count_flops, count_params
 from robustnas.core.stats import INTERVALS, paired_exact_interval
+from robustnas.robustness.certify import METHODS as CERTIFY_METHODS  # one list of bound methods
 
 DEFAULT_ATTACKS = ("fgsm", "pgd20", "autoattack")
-CERTIFY_METHODS = ("ibp", "crown", "crown-ibp")
 BLACK_BOX = ("square", "transfer")
 MAX_ZERO_GRAD_FRACTION = 0.01  # above this share of images with an exactly zero input gradient: masking
 SANITY_LEVEL = 0.95  # confidence level of the paired intervals the checks compare two attacks with
