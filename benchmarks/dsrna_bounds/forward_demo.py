@@ -12,6 +12,7 @@ from robustnas.data.datasets import load_dataset
 from robustnas.search import SearchContext, build_strategy
 from robustnas.robustness.certify import margin_lower_bound
 from robustnas.robustness.attacks import pgd
+from common import bn_statistics
 
 
 def rss_gb() -> float:
@@ -26,12 +27,9 @@ net = strat.net
 if len(sys.argv) > 6:
     state = torch.load(f"{sys.argv[6]}/supernet.pt", map_location="cpu")
     net.load_state_dict(state["net"] if "net" in state else state)
+    net.eval()
 else:
-    with torch.no_grad():
-        net.train()
-        for i in range(0, 128, 32):
-            net(data.train.x[i:i + 32])
-net.eval()
+    bn_statistics(net, data.train.x)
 x, y = data.val.x[:n], data.val.y[:n]
 print(f"supernet C={C} layers={L} input {tuple(x.shape[1:])} eps {eps} n={n}; maxrss before {rss_gb():.2f} GB")
 for method in ("ibp", "crown-ibp", "crown-fwd"):

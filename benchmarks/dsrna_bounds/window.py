@@ -7,16 +7,13 @@ torch.set_num_threads(1)
 from robustnas.data.datasets import load_dataset
 from robustnas.nets.spaces.darts import SuperNet
 import robustnas.robustness.certify as cert
+from common import bn_statistics
 data = load_dataset(sys.argv[6] if len(sys.argv) > 6 else "digits", subset=500)
 m = data.meta
 torch.manual_seed(0)
 C, L, n, eps = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 net = SuperNet(C, 10, L, m.shape, m.mean, m.std)
-with torch.no_grad():
-    net.train()
-    for i in range(0, 128, 32):
-        net(data.train.x[i:i+32])
-net.eval()
+bn_statistics(net, data.train.x)
 x, y = data.val.x[:n], data.val.y[:n]
 for w in sys.argv[5].split(","):
     method = "crown-fwd" if w == "fwd" else "crown"
