@@ -61,10 +61,10 @@ def run_numbers(out, *members: str):
                                                                                 "model.safetensors")))
 
 
-def search_clock(search_dir) -> dict:
+def search_clock(search_dir, checkpoint: str = "search_checkpoint.json") -> dict:
     """The search time a search directory has recorded ({"seconds", "sessions"}): its epoch loop's checkpoint
     (training/loop.py), else random search's search_clock.json."""
-    checkpoint = search_dir / "search_checkpoint.json"
+    checkpoint = search_dir / checkpoint
     if checkpoint.exists():
         return json.loads(checkpoint.read_text())["elapsed"]
     return json.loads((search_dir / "search_clock.json").read_text())
@@ -73,12 +73,12 @@ def search_clock(search_dir) -> dict:
 class KilledClocks:
     """`after_kill` for the harness: the search time each killed run had recorded in `sub` of its directory."""
 
-    def __init__(self, sub: str = ""):
-        self.sub, self.seen, self.out = sub, [], None
+    def __init__(self, sub: str = "", checkpoint: str = "search_checkpoint.json"):
+        self.sub, self.checkpoint, self.seen, self.out = sub, checkpoint, [], None
 
     def __call__(self, out) -> None:
         self.out = out
-        self.seen.append(search_clock(out / self.sub))
+        self.seen.append(search_clock(out / self.sub, self.checkpoint))
 
     def assert_carried(self, seconds: float, sessions: int) -> None:
         """The resumed search's time covers the killed runs' (up to their last checkpoints), over `sessions`."""
@@ -89,9 +89,13 @@ class KilledClocks:
 # ------------------------------------------------------------------------------------------ train
 def test_train_resumes_exactly(resume_check, tmp_path):
     cfg = _config(tmp_path, {"train": {"val_n": 32, "val_steps": 1}, "test_n": 30, "test_pgd_steps": 2})
+    killed = KilledClocks(checkpoint="checkpoint.json")  # the Trainer's epoch loop checkpoints its time too
     numbers = resume_check([*TRAIN, "--config", cfg],
-                           lambda out: read_numbers(out, "metrics.json", "train.jsonl", "model.safetensors"), kind="*")
+                           lambda out: read_numbers(out, "metrics.json", "train.jsonl", "model.safetensors"), kind="*",
+                           after_kill=killed)
     assert len(numbers["train.jsonl"]) == 3 and numbers["metrics.json"]["n"] == 30
+    train = json.loads((killed.out / "metrics.json").read_text())["train"]
+    killed.assert_carried(train["seconds"], train["sessions"])
 
 
 # ------------------------------------------------------------------------------------------ search

@@ -85,9 +85,7 @@ def train_into(out: Path, model: torch.nn.Module, spec: dict, data: Dataset, tra
     with clean and PGD accuracy on `test_n` test images (0: none, for callers that run evaluate_run next)."""
     eps = parse_eps(train.attack.eps)
     trainer = Trainer(model, data, train, eps, seed=seed, device=device, out_dir=out, progress=progress)
-    t0 = time.perf_counter()
     result = trainer.fit(resume=resume)
-    train_seconds = time.perf_counter() - t0
     save_model(out, model, spec)
     atomic_write_text(out / "train.jsonl", "".join(json.dumps(asdict(h)) + "\n" for h in result.history))
 
@@ -103,7 +101,7 @@ def train_into(out: Path, model: torch.nn.Module, spec: dict, data: Dataset, tra
         "params": count_params(model), "flops": count_flops(model, data.meta.shape),
         "train": {"adv": train.adv, "epochs": train.epochs, "best_epoch": result.best_epoch,
                   "best_val_clean": result.best_val_clean, "best_val_robust": result.best_val_robust,
-                  "seconds": train_seconds},
+                  "seconds": result.seconds, "sessions": result.sessions},  # summed over resumed sessions
     })
     write_json(out / "metrics.json", metrics)
     metrics["run_dir"] = str(out)

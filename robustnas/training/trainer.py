@@ -65,6 +65,8 @@ class TrainResult:
     best_epoch: int = -1
     best_val_clean: float = 0.0
     best_val_robust: float = 0.0
+    seconds: float = 0.0    # wall time of the epochs, summed over the sessions (run and resumes) that ran them
+    sessions: int = 1
 
 
 class Trainer:
@@ -168,8 +170,9 @@ class Trainer:
             self.loop.restore_best()
         history = [EpochLog(**h) for h in self.loop.history]
         best = self.loop.best_record() if select is not None else (self.loop.history or [None])[-1]
-        self.result = TrainResult(history) if best is None else \
-            TrainResult(history, best["epoch"], best["val_clean"], best["val_robust"])
+        clock = {"seconds": self.loop.clock.seconds(), "sessions": self.loop.clock.sessions}
+        self.result = TrainResult(history, **clock) if best is None else \
+            TrainResult(history, best["epoch"], best["val_clean"], best["val_robust"], **clock)
         return self.result
 
     def train_epoch(self, epoch: int, g: torch.Generator) -> dict:
