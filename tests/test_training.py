@@ -265,6 +265,7 @@ def test_a_training_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_pat
     full, cut = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(tmp_path / "cut" / "model.safetensors"))
     assert full.keys() == cut.keys() and all(torch.equal(full[k], cut[k]) for k in full)
     metrics = [json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("full", "cut")]
+    assert [m["train"].pop("sessions") for m in metrics] == [1, 2]  # the resumed training's time spans both
     for m in metrics:
         m["train"].pop("seconds")
     assert metrics[0] == metrics[1]
