@@ -20,10 +20,10 @@ The cost is about 2 (D + 1) forward passes of the network per image, whatever th
 neurons (CROWN intermediate bounds cost one backward pass per unstable neuron). The final bound is then the
 usual CROWN backward pass from the spec (certify.py), which uses these intervals in its relaxations.
 
-Gradients: with `grad=False` (what certify uses) the forward coefficients are computed without autograd, so
-the intermediate intervals carry gradient only where IBP's interval is the tighter end, and the final
-backward pass carries the gradient through the linear steps (a supernet's softmax(alpha) weights included).
-`grad=True` keeps the whole computation differentiable (memory ~ every coefficient tensor of the graph).
+Gradients: the forward coefficients are computed without autograd (keeping them differentiable would hold
+every coefficient tensor of the graph in memory), and so is their intersection with the IBP intervals: the
+intermediate intervals (and so the relaxation slopes) carry no gradient. The final backward pass carries it
+through the linear steps (a supernet's softmax(alpha) weights included).
 """
 
 from __future__ import annotations
@@ -45,12 +45,11 @@ def _expand(s: object, a: Tensor) -> object:
 class ForwardBounds:
     """`TracedModel.propagate`'s forward hook: keeps (L, U) coefficients of the values still needed."""
 
-    def __init__(self, x_lo: Tensor, x_hi: Tensor, grad: bool = False):
+    def __init__(self, x_lo: Tensor, x_hi: Tensor):
         n = x_lo.shape[0]
         self.d = x_lo[0].numel()
         self.center = ((x_lo + x_hi) / 2).reshape(n, self.d)
         self.radius = ((x_hi - x_lo) / 2).reshape(n, self.d)
-        self.grad = grad
         self.coeffs: dict[int, tuple[Tensor, Tensor]] = {}
 
     # ------------------------------------------------------------------------------------ the hook
@@ -58,7 +57,7 @@ class ForwardBounds:
         self.coeffs.pop(index, None)
 
     def step(self, graph: BoundGraph, index: int, feeds_nonlinear: bool) -> None:
-        with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
+        with torch.no_grad():
             step = graph.steps[index]
             if step.kind == "input":
                 n = step.lo.shape[0]
