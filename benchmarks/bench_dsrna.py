@@ -22,14 +22,17 @@ ROWS = {  # name: (method, settings)
     "darts 1st order": ("darts", {}),
     "dsrna jacobian exact": ("dsrna", {"metric": "jacobian", "jacobian_mode": "exact"}),
     "dsrna jacobian projection": ("dsrna", {"metric": "jacobian", "jacobian_mode": "projection"}),
-    "dsrna cb ibp": ("dsrna", {"metric": "cb", "cb_method": "ibp", "cb_n": None}),
-    "dsrna combined (ibp + projection)": ("dsrna", {"metric": "combined", "cb_method": "ibp", "cb_n": None}),
+    "dsrna cb ibp margin": ("dsrna", {"metric": "cb", "cb_method": "ibp", "cb_form": "margin", "cb_n": None}),
+    "dsrna combined (ibp margin + projection)": ("dsrna", {"metric": "combined", "cb_method": "ibp",
+                                                           "cb_form": "margin", "cb_n": None}),
+    "dsrna cb radius crown-ibp (default, 1 image)": ("dsrna", {"metric": "cb"}),
     "advrush (penalty on)": ("advrush", {"reg_warmup_epochs": 0, "h_schedule": "after-warmup", "h_ramp_epochs": 1}),
 }
 OPTIONAL = {
-    "dsrna cb crown-ibp": ("dsrna", {"metric": "cb", "cb_method": "crown-ibp", "cb_n": None}),
-    "dsrna cb crown (window 30, 1 image)": ("dsrna", {"metric": "cb", "cb_method": "crown"}),
-    "dsrna cb crown-fwd (default, 1 image)": ("dsrna", {"metric": "cb"}),
+    "dsrna cb crown-ibp margin": ("dsrna", {"metric": "cb", "cb_method": "crown-ibp", "cb_form": "margin",
+                                            "cb_n": None}),
+    "dsrna cb crown margin (window 30, 1 image)": ("dsrna", {"metric": "cb", "cb_method": "crown", "cb_form": "margin"}),
+    "dsrna cb crown-fwd margin (1 image)": ("dsrna", {"metric": "cb", "cb_method": "crown-fwd", "cb_form": "margin"}),
 }
 
 

@@ -256,6 +256,64 @@ def certified_accuracy(model: nn.Module, x: Tensor, y: Tensor, eps: Eps, method:
     return certified / max(len(x), 1)
 
 
+def _bracket(model: nn.Module, traced: TracedModel, x: Tensor, y: Tensor, method: str, max_eps: float, tol: float,
+             rtol: Optional[float], min_eps: float, clip: Clip, window: Optional[int]) -> tuple[Tensor, Tensor]:
+    """(lo, hi) per sample, both (N,): lo is certified (0: misclassified, or not certified at the floor), hi is not
+    (hi = lo = max_eps where max_eps is certified). Bisection on [0, max_eps] at the midpoint until hi - lo <= tol
+    (rtol None), or on [min_eps, max_eps] at the geometric mean until hi <= lo (1 + rtol)."""
+    n = x.shape[0]
+
+    def certified(e: Tensor, which: Tensor) -> Tensor:
+        """Whether the bound at e (one value per sample) certifies each sample of the mask `which`."""
+        ok = torch.zeros(n, dtype=torch.bool, device=x.device)
+        if bool(which.any()):
+            ok[which] = _margin(traced, x[which], y[which], e[which], method, clip, window) > 0
+        return ok
+
+    def wide(lo: Tensor, hi: Tensor) -> Tensor:
+        return (hi - lo) > tol if rtol is None else hi > lo * (1 + rtol)
+
+    correct = model(x).argmax(1) == y
+    hi = torch.full((n,), float(max_eps), dtype=x.dtype, device=x.device)
+    at_max = certified(hi, correct)
+    floor = torch.zeros_like(hi) if rtol is None else torch.full_like(hi, float(min_eps))
+    lo = torch.where(at_max, hi, floor)
+    open_ = correct & ~at_max
+    if rtol is not None:  # samples the floor does not certify have radius 0: nothing to bisect
+        open_ = certified(floor, open_)
+    while bool((open_ & wide(lo, hi)).any()):
+        mid = (lo + hi) / 2 if rtol is None else (lo * hi).sqrt()
+        ok = certified(mid, open_)
+        lo, hi = torch.where(ok, mid, lo), torch.where(ok | ~open_, hi, mid)
+    ok_floor = at_max | (open_ if rtol is not None else certified(floor, correct))
+    return torch.where(ok_floor, lo, torch.zeros_like(lo)), hi
+
+
+def _check_radius_args(max_eps: float, tol: float, rtol: Optional[float], min_eps: float) -> None:
+    if not (isinstance(max_eps, (int, float)) and max_eps > 0 and isinstance(tol, (int, float)) and tol > 0):
+        raise UserError("certify: max_eps and tol must be positive numbers")
+    if rtol is not None and not (isinstance(rtol, (int, float)) and rtol > 0
+                                 and isinstance(min_eps, (int, float)) and 0 < min_eps < max_eps):
+        raise UserError("certify: rtol must be a positive number and min_eps lie in (0, max_eps)")
+
+
+@torch.no_grad()
+def radius_bracket(model: nn.Module, x: Tensor, y: Tensor, method: Method = "ibp", max_eps: float = 1.0,
+                   rtol: float = 0.1, min_eps: Optional[float] = None, clip: Clip = (0.0, 1.0),
+                   window: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """(lo, hi), each (N,): the certified radius to a relative tolerance, by bisection in log eps on [min_eps,
+    max_eps] (default min_eps = max_eps * 1e-6): lo is certified, hi is not and hi <= lo (1 + rtol); lo = 0
+    where the sample is misclassified or min_eps is not certified, lo = hi = max_eps where max_eps is.
+    For radii that span decades (a deep supernet's: 1e-5 to 1e-1), in ~log2(ln(max/min) / rtol) bounds."""
+    _check_method(method)
+    _check_labels(x, y)
+    _check_window(window)
+    min_eps = max_eps * 1e-6 if min_eps is None else min_eps
+    _check_radius_args(max_eps, 1.0, rtol, min_eps)
+    with _eval_mode(model):
+        return _bracket(model, TracedModel(model), x, y, method, max_eps, 1.0, rtol, min_eps, clip, window)
+
+
 @torch.no_grad()
 def certified_radius(model: nn.Module, x: Tensor, y: Tensor, method: Method = "ibp", max_eps: float = 1.0,
                      tol: float = 1e-3, batch_size: int = 256, clip: Clip = (0.0, 1.0),
@@ -270,32 +328,12 @@ def certified_radius(model: nn.Module, x: Tensor, y: Tensor, method: Method = "i
     _check_labels(x, y)
     _check_batch(batch_size)
     _check_window(window)
-    if not (isinstance(max_eps, (int, float)) and max_eps > 0 and isinstance(tol, (int, float)) and tol > 0):
-        raise UserError("certify: max_eps and tol must be positive numbers")
+    _check_radius_args(max_eps, tol, None, 0.0)
     radii = []
     with _eval_mode(model):
         traced = TracedModel(model)
         for i in range(0, len(x), batch_size):
-            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-            n = xb.shape[0]
-
-            def certified(e: Tensor, which: Tensor) -> Tensor:
-                """Whether the bound at e (one value per sample) certifies each sample of the mask `which`."""
-                ok = torch.zeros(n, dtype=torch.bool, device=xb.device)
-                if bool(which.any()):
-                    ok[which] = _margin(traced, xb[which], yb[which], e[which], method, clip, window) > 0
-                return ok
-
-            correct = model(xb).argmax(1) == yb
-            lo = torch.zeros(n, dtype=xb.dtype, device=xb.device)
-            hi = torch.full_like(lo, float(max_eps))
-            at_max = certified(hi, correct)
-            lo = torch.where(at_max, hi, lo)
-            open_ = correct & ~at_max
-            while bool((open_ & ((hi - lo) > tol)).any()):
-                mid = (lo + hi) / 2
-                ok = certified(mid, open_)
-                lo, hi = torch.where(ok, mid, lo), torch.where(ok | ~open_, hi, mid)
-            ok0 = certified(torch.zeros_like(lo), correct)
-            radii.append(torch.where(ok0, lo, torch.zeros_like(lo)))
+            lo, _ = _bracket(model, traced, x[i:i + batch_size], y[i:i + batch_size], method, max_eps, tol, None,
+                             0.0, clip, window)
+            radii.append(lo)
     return torch.cat(radii) if radii else x.new_zeros(0)

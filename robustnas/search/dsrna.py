@@ -6,12 +6,12 @@ section 4):
 
 - "jacobian": R_Jac = -(eps/K) * mean_x sum_k ||grad_x f_k(x)||_q (robustnas.robustness.jacobian), exact or by random
   projection;
-- "cb": R_CB = mean over the batch of the certified lower bound of the margin f_y - max_{j != y} f_j over
-  the eps-ball, propagated through the supernet (robustnas.robustness.certify; a MixedOp's bound is the
-  softmax(alpha)-weighted sum of its ops' bounds, so the bound is differentiable in alpha); by default
-  a CROWN backward bound over forward linear intermediate bounds ("crown-fwd") on the first cb_n images
-  (interval bounds, the first default, are vacuous on a deep supernet; CROWN intermediate bounds, the
-  second, cost one backward pass per unstable neuron and do not finish on a 28x28 supernet);
+- "cb": R_CB, a certified lower bound propagated through the supernet (robustnas.robustness.certify; a MixedOp's
+  bound is the softmax(alpha)-weighted sum of its ops' bounds, so the bound is differentiable in alpha), on the
+  first cb_n images. By default (cb_form "radius") the mean certified radius: the largest eps' <= eps whose
+  margin bound (CROWN over interval intermediate bounds, "crown-ibp") is >= 0, with its implicit-function
+  gradient; cb_form "margin" is the batch mean of the margin bound f_y - max_{j != y} f_j at eps itself, which
+  through a deep supernet at eps 0.1 is vacuous (-1e5 and worse) whatever the bound method (docs/dsrna.md);
 - "combined": R_CB + R_Jac.
 
 Both metrics are taken in eval mode (BatchNorm with running statistics), so that each sample's bound and
@@ -29,7 +29,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from robustnas.robustness.attacks import eval_mode
-from robustnas.robustness.certify import margin_lower_bound
+from robustnas.robustness.certify import margin_lower_bound, radius_bracket
 from robustnas.core.config import parse_eps
 from robustnas.core.errors import UserError
 from robustnas.robustness.jacobian import jacobian_metric
@@ -38,22 +38,52 @@ from robustnas.search.supernet import SearchBatch, SupernetConfig, SupernetSearc
 from robustnas.training.loop import epoch_seed
 
 
-def certified_bound_metric(model: nn.Module, x: Tensor, y: Tensor, eps: float, method: str = "crown-fwd",
-                           form: Literal["margin", "asinh"] = "margin", window: Optional[int] = None) -> Tensor:
-    """R_CB: the batch mean of the margin lower bound over the Linf eps-ball (within [0, 1]).
+def certified_bound_metric(model: nn.Module, x: Tensor, y: Tensor, eps: float, method: str = "crown-ibp",
+                           form: Literal["radius", "margin", "asinh"] = "radius", window: Optional[int] = None,
+                           rtol: float = 0.1) -> Tensor:
+    """R_CB over the Linf eps-ball (within [0, 1]), differentiable in the model's parameters, a supernet's alphas
+    included.
 
-    Differentiable in the model's parameters, a supernet's alphas included. method "crown-fwd" takes the
-    intermediate bounds from forward linear bounds (no gradient through them; the final backward pass
-    carries it); "crown" from CROWN too (walking back at most `window` graph values, None: to the input);
-    "crown-ibp" and "ibp" from intervals, which are vacuous on a deep supernet (docs/dsrna.md).
-    form="asinh" averages asinh(bound) instead: the same sign and order, a bounded gradient.
+    form="radius": the batch mean of the certified radius, the largest eps' <= eps whose margin lower bound is
+    >= 0 (0 for a misclassified image), found by bisection in log eps to the relative tolerance rtol
+    (certify.radius_bracket). Its gradient is the implicit-function one: at the radius r the bound m(r, alpha)
+    is 0, so dr/dalpha = (dm/dalpha) / |dm/dr|, dm/dr taken as the secant of the bound over [r, r (1 + max(rtol, 0.01))].
+    form="margin": the batch mean of the margin lower bound at eps (METHODS.md's R_CB); "asinh": of
+    asinh(margin bound), the same sign and order with a bounded gradient.
+    method: how the bound is computed ("crown-ibp": CROWN final bound over interval intermediate bounds;
+    "crown-fwd": over forward linear intermediate bounds (no gradient through them); "crown": over CROWN
+    intermediate bounds walking back at most `window` graph values; "ibp": intervals). docs/dsrna.md.
     """
-    bound = margin_lower_bound(model, x, y, eps, method, window=window if method == "crown" else None)
+    window = window if method == "crown" else None
+    if form == "radius":
+        return _radius_metric(model, x, y, eps, method, window, rtol)
+    bound = margin_lower_bound(model, x, y, eps, method, window=window)
     if form == "asinh":
         bound = torch.asinh(bound)
     elif form != "margin":
-        raise UserError(f"dsrna: unknown cb_form {form!r}; use margin or asinh")
+        raise UserError(f"dsrna: unknown cb_form {form!r}; use radius, margin or asinh")
     return bound.mean()
+
+
+def _radius_metric(model: nn.Module, x: Tensor, y: Tensor, eps: float, method: str, window: Optional[int],
+                   rtol: float) -> Tensor:
+    """The mean certified radius, with the implicit-function gradient (certified_bound_metric)."""
+    lo, hi = radius_bracket(model, x, y, method, eps, rtol=rtol, window=window)
+    inner = (lo > 0) & (lo < hi)  # bracketed radii; 0 (misclassified / not certified) and eps itself are flat
+    total = lo[~inner].sum()
+    if bool(inner.any()) and torch.is_grad_enabled():
+        xi, yi, r = x[inner], y[inner], lo[inner]
+        m = margin_lower_bound(model, xi, yi, r, method, window=window)
+        # dm/dr: the secant over [r, r (1 + w)], at least 1% wide (over a narrower one the difference of two
+        # float32 bounds near 0 is noise); CROWN bounds are kinked in eps, a secant smooths over the kinks
+        w = max(rtol, 0.01)
+        with torch.no_grad():
+            slope = (margin_lower_bound(model, xi, yi, r * (1 + w), method, window=window) - m.detach()) / (r * w)
+        step = torch.where(slope < 0, (m - m.detach()) / -slope.clamp(max=-1e-12), torch.zeros_like(m))
+        total = total + (r + step).sum()
+    else:
+        total = total + lo[inner].sum()
+    return total / x.shape[0]
 
 
 class DsrnaConfig(SupernetConfig):
@@ -69,17 +99,19 @@ class DsrnaConfig(SupernetConfig):
     jacobian_mode: Literal["exact", "projection"] = "projection"
     projections: int = Field(default=1, ge=1)
     projection: Literal["sphere", "gaussian"] = "sphere"
-    # certified-bound metric: crown-fwd, CROWN over forward linear intermediate bounds (linear bounds as in the
-    # paper; cost ~2 (input entries + 1) forward passes per image); crown: CROWN intermediate bounds (tighter on
-    # small supernets, one backward pass per unstable neuron: unaffordable at 28x28); crown-ibp and ibp take
-    # intermediate bounds from intervals (vacuous on a deep supernet). docs/dsrna.md has the measurements.
-    cb_method: Literal["crown-fwd", "crown", "crown-ibp", "ibp"] = "crown-fwd"
+    # certified-bound metric. cb_form radius (default): the mean certified radius (largest eps' <= cb_eps whose
+    # margin bound is >= 0, by bisection in log eps to cb_rtol, ~10 bounds an image) with its implicit-function
+    # gradient; margin: the margin lower bound at cb_eps (vacuous through a deep supernet at eps 0.1: docs/dsrna.md);
+    # asinh: asinh of it. cb_method: crown-ibp (CROWN final bound over interval intermediate bounds), crown-fwd
+    # (forward linear intermediate bounds: tighter, ~2 (input entries + 1) forward passes per bound), crown (CROWN
+    # intermediate bounds, cb_window below; unaffordable at 28x28), ibp. docs/dsrna.md has the measurements.
+    cb_form: Literal["radius", "margin", "asinh"] = "radius"
+    cb_method: Literal["crown-ibp", "crown-fwd", "crown", "ibp"] = "crown-ibp"
+    cb_rtol: float = Field(default=0.1, gt=0)              # radius: relative width of the final bisection bracket
     cb_window: Optional[int] = Field(default=30, ge=1)        # crown: graph values an intermediate bound
     #                                                            walks back (cost ~ linear in it); None: all
-    cb_n: Optional[int] = Field(default=1, ge=1)            # images the cb metric sees (None: all); each costs
-    #                                                         ~2 (D + 1) forward passes (crown-fwd)
-    cb_eps: Optional[str] = None                            # None: the search's threat eps
-    cb_form: Literal["margin", "asinh"] = "margin"          # margin: the paper's R_CB
+    cb_n: Optional[int] = Field(default=1, ge=1)            # images the cb metric sees (None: all)
+    cb_eps: Optional[str] = None                            # None: the search's threat eps (radius: its cap)
     metric_n: Optional[int] = Field(default=None, ge=1)     # alpha-batch images the metric sees; None: all
     # optional weight regularisation (an unofficial reimplementation: 1e-4 after 10 warm-up epochs)
     weight_reg: float = Field(default=0.0, ge=0)
@@ -135,7 +167,7 @@ class Dsrna(SupernetSearch):
                 n = cfg.cb_n or len(y)
                 with torch.set_grad_enabled(create_graph):
                     parts["metric_cb"] = certified_bound_metric(model, x[:n], y[:n], self.cb_eps, cfg.cb_method,
-                                                                cfg.cb_form, cfg.cb_window)
+                                                                cfg.cb_form, cfg.cb_window, cfg.cb_rtol)
         r = sum(parts.values())
         if not create_graph:
             r, parts = r.detach(), {k: v.detach() for k, v in parts.items()}
