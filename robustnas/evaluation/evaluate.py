@@ -206,6 +206,16 @@ def _acc(mask: Tensor) -> float:
     return mask.sum().item() / len(mask) if len(mask) else 0.0
 
 
+def accuracy_under_attack(model: nn.Module, x: Tensor, y: Tensor, eps: float, attack: str, norm: str = "Linf",
+                          seed: int = 0, batch_size: int = 256, fold_bn: bool = True) -> float:
+    """Robust accuracy of `model` on x, y under the attack called `attack` (get_attack's names, e.g. "aa-rank"),
+    measured as an evaluation measures it: by an AttackRunner on `attacked_copy(model, fold_bn)`, seeded by
+    `seed`, an image counting as robust when the copy is right on it both clean and attacked. Searches whose
+    candidates are scored under a named attack (`score_attack`) call this."""
+    runner = AttackRunner(model, x, y, eps, norm, batch_size, seed, Progress(disable=True), None, [], {}, fold_bn)
+    return _acc(runner.run(attack))
+
+
 # ------------------------------------------------------------------------------------------ sanity checks
 def _zero_gradient_fraction(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, loss=margin_loss) -> float:
     """Share of images whose `loss` has an exactly zero input gradient."""

@@ -20,6 +20,11 @@ from robustnas.core.errors import UserError
 from robustnas.core.registry import Registry
 from robustnas.nets.spaces.darts import Genotype
 
+# The attack that gives a search's candidates their robust score (`score_attack` of random search and TAM-NAS):
+# the method's own PGD, or aa-rank (AutoAttack-rank, not standard AutoAttack: robustness/attacks.py), measured
+# by evaluation.evaluate.accuracy_under_attack on the BatchNorm-folded copy as an evaluation measures it.
+ScoreAttack = Literal["pgd", "aa-rank"]
+
 
 @dataclass
 class SearchContext:

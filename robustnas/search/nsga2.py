@@ -1,8 +1,9 @@
 """NSGA-II (pymoo, ask/tell) over the tiny-block encoding, as TAM-NAS uses it.
 
 Our own sampling, uniform layer-wise crossover and per-gene mutation, all returning canonical encodings
-(spaces/tiny.py). A candidate's score is a dict {"encoding", "clean_err", "pgd_err", "params", ...};
-the objectives, all minimised, are clean error, PGD error and params / `params_scale`; an optional
+(spaces/tiny.py). A candidate's score is a dict {"encoding", "clean_err", "pgd_err", "params", ...}, or with
+{"score_attack": "aa-rank"} "aa_rank_err" in place of "pgd_err" (`ROBUST_ERR`); the objectives, all
+minimised, are clean error, that robust error and params / `params_scale`; an optional
 ceiling `max_params` is a constraint. A generation's new encodings go to one `executor.map` call and
 every score is remembered, so a subnet is scored once. Resume is exact: the state handed to
 `on_generation` holds the population, rank and crowding, pymoo's random state and every score so far.
@@ -32,7 +33,17 @@ from robustnas.evaluation import analysis
 from robustnas.core.executor import Executor
 from robustnas.nets.spaces.tiny import TinySpace
 
-OBJECTIVES = ("clean_err", "pgd_err", "size")  # size = params / params_scale
+ROBUST_ERR = {"pgd": "pgd_err", "aa-rank": "aa_rank_err"}  # a score's robust-error key, by its score_attack
+
+
+def objective_names(score_attack: str = "pgd") -> tuple[str, str, str]:
+    """The objectives' names for scores made under `score_attack`; size = params / params_scale."""
+    return ("clean_err", ROBUST_ERR[score_attack], "size")
+
+
+def robust_err(score: dict[str, Any]) -> float:
+    """A score's robust error under the attack that scored it (`score_attack`; PGD when the score names none)."""
+    return score[ROBUST_ERR[score.get("score_attack", "pgd")]]
 
 
 def make_operators(space: TinySpace, mutation_rate: Optional[float] = None, crossover_prob: float = 0.9,
@@ -91,7 +102,7 @@ def make_operators(space: TinySpace, mutation_rate: Optional[float] = None, cros
 
 
 def objectives(score: dict[str, Any], params_scale: float) -> list[float]:
-    return [score["clean_err"], score["pgd_err"], score["params"] / params_scale]
+    return [score["clean_err"], robust_err(score), score["params"] / params_scale]
 
 
 def pareto_front(scores: Sequence[dict[str, Any]], params_scale: float,
@@ -99,7 +110,7 @@ def pareto_front(scores: Sequence[dict[str, Any]], params_scale: float,
     """The non-dominated scores among the feasible ones, smallest first."""
     feasible = [s for s in scores if max_params is None or s["params"] <= max_params]
     idx = analysis.pareto_front([objectives(s, params_scale) for s in feasible], maximize=(False, False, False))
-    return sorted((feasible[i] for i in idx), key=lambda s: (s["params"], s["pgd_err"], s["clean_err"]))
+    return sorted((feasible[i] for i in idx), key=lambda s: (s["params"], robust_err(s), s["clean_err"]))
 
 
 def hypervolume(scores: Sequence[dict[str, Any]], params_scale: float, ref: Sequence[float]) -> float:
@@ -114,9 +125,9 @@ def run_nsga2(space: TinySpace, fn: Callable[[list[int]], dict[str, Any]], execu
               crossover_prob: float = 0.9, state: Optional[dict] = None,
               count: Optional[Callable[[list[int]], int]] = None,
               on_generation: Optional[Callable[[dict, dict], None]] = None) -> tuple[list[dict], list[dict]]:
-    """NSGA-II by ask/tell. `fn(encoding)` scores one subnet ({"clean_err", "pgd_err", "params", ...});
-    the generation's new encodings go to `executor.map(fn, ...)` at once. `state` (from a previous
-    on_generation call) resumes after its generation. `count(encoding)` (parameters without building the
+    """NSGA-II by ask/tell. `fn(encoding)` scores one subnet ({"clean_err", "pgd_err" or another ROBUST_ERR,
+    "params", ...}); the generation's new encodings go to `executor.map(fn, ...)` at once. `state` (from a
+    previous on_generation call) resumes after its generation. `count(encoding)` (parameters without building the
     subnet) lets the first population be drawn under max_params. Returns (every score, one record per
     generation)."""
     fits = (lambda x: count(x) <= max_params) if count is not None and max_params is not None else None

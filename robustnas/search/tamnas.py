@@ -4,9 +4,11 @@ Three phases, all in one `search` call, each resumable (after every supernet epo
 1. Supernet training: search/tiny_supernet.py's SupernetTrainer trains spaces/tiny.py's TinySuperNet, one
    subnet per step (or the sandwich rule), on clean, PGD or FGSM-RS examples, epsilon ramped up from 0.
 2. NSGA-II (search/nsga2.py, pymoo ask/tell) over the integer encoding. Objectives, all minimised: clean
-   and PGD error on the first `eval_n` validation images of the subnet with inherited weights and
+   and robust error on the first `eval_n` validation images of the subnet with inherited weights and
    recalibrated BatchNorm (SubnetScorer), and its parameters over those of the largest subnet; an optional
-   `max_params` is a constraint. A generation's subnets are scored in one executor call, each once.
+   `max_params` is a constraint. The robust error is that under `score_attack`: PGD-`eval_pgd_steps`
+   ("pgd_err", default) or aa-rank ("aa_rank_err": AutoAttack-rank, not standard AA). A generation's
+   subnets are scored in one executor call, each once.
 3. Optionally (`final`), Pareto subnets spread over the size range are trained by the one Trainer,
    from the supernet's weights (`finetune`) or from a fresh initialisation (`scratch`).
 search.jsonl has one record per supernet epoch and per generation (front, hypervolume: search/nsga2.py).
@@ -27,8 +29,9 @@ from robustnas.core.errors import UserError
 from robustnas.core.executor import ExecutorSettings
 from robustnas.core.rundir import write_json
 from robustnas.nets.arch import save_model
-from robustnas.search.base import SearchContext, SearchResult, register
-from robustnas.search.nsga2 import OBJECTIVES, pareto_front, run_nsga2
+from robustnas.robustness.attacks import AA_RANK_TITLE
+from robustnas.search.base import ScoreAttack, SearchContext, SearchResult, register
+from robustnas.search.nsga2 import ROBUST_ERR, objective_names, pareto_front, robust_err, run_nsga2
 from robustnas.search.tiny_supernet import SubnetScorer, SupernetTrainer, scoring_images
 from robustnas.nets.size import count_params
 from robustnas.core.config import parse_count
@@ -38,6 +41,7 @@ from robustnas.training.loop import EpochLoop, SessionClock, epoch_seed, progres
 from robustnas.training.trainer import Trainer, resolve_device
 
 CHECKPOINT = "search_checkpoint"  # .e<epoch>.safetensors (supernet, optimizer) + .json (history, NSGA-II state)
+ERR_HEADER = {"pgd": "PGD err", "aa-rank": "aa-rank err"}  # the report's robust-error column, by score_attack
 
 
 class TamNasConfig(ExecutorSettings):
@@ -64,6 +68,7 @@ class TamNasConfig(ExecutorSettings):
     # --- scoring of one subnet (inherited weights, recalibrated BN)
     eval_n: int = Field(default=500, ge=1)          # first eval_n images of the validation split
     eval_pgd_steps: int = Field(default=10, ge=1)
+    score_attack: ScoreAttack = "pgd"               # robust error of a scored subnet: PGD, or aa-rank (not standard AA)
     recal_batches: int = Field(default=10, ge=1)
     recal_batch_size: int = Field(default=64, ge=1)
     # --- NSGA-II
@@ -72,7 +77,7 @@ class TamNasConfig(ExecutorSettings):
     crossover_prob: float = Field(default=0.9, ge=0, le=1)
     mutation_rate: Optional[float] = Field(default=None, gt=0, le=1)  # per gene; None: 1 / number of layers
     max_params: ParamCount = None                   # parameter ceiling (constraint), e.g. "200k"
-    hv_ref: tuple[float, float, float] = (1.0, 1.0, 1.0)  # in (clean_err, pgd_err, size)
+    hv_ref: tuple[float, float, float] = (1.0, 1.0, 1.0)  # in (clean_err, robust error, size)
     # executor, executor_options: where subnets are scored (ExecutorSettings, robustnas/executor.py)
     # --- post-search training of Pareto subnets (the Trainer's settings in final_train)
     final: Literal["none", "scratch", "finetune"] = "none"
@@ -83,7 +88,7 @@ class TamNasConfig(ExecutorSettings):
 @register
 class TamNas:
     """TAM-NAS: adversarially trained one-shot supernet on the tiny-block space, NSGA-II over
-    (clean error, PGD error, parameters), Pareto subnets optionally fine-tuned or trained from scratch."""
+    (clean error, PGD or aa-rank error, parameters), Pareto subnets optionally fine-tuned or trained from scratch."""
 
     name: ClassVar[str] = "tamnas"
     Config: ClassVar[type[TamNasConfig]] = TamNasConfig
@@ -117,10 +122,12 @@ class TamNas:
         n_recal = cfg.recal_batches * cfg.recal_batch_size
         self.recal_x, self.eval_x, self.eval_y = scoring_images(data, ctx.seed, n_recal, cfg.eval_n, self.device)
 
-    def scorer(self, n: Optional[int] = None) -> SubnetScorer:
+    def scorer(self, n: Optional[int] = None, attack: Optional[str] = None) -> SubnetScorer:
+        """The subnet scorer on the first `n` eval images (default all), under `attack` (default score_attack)."""
         n = len(self.eval_x) if n is None else n
         return SubnetScorer(self.net, self.recal_x, self.eval_x[:n], self.eval_y[:n], self.eps, self.norm,
-                            self.cfg.eval_pgd_steps, self.cfg.recal_batch_size, self.ctx.seed)
+                            self.cfg.eval_pgd_steps, self.cfg.recal_batch_size, self.ctx.seed,
+                            self.cfg.score_attack if attack is None else attack)
 
     def search(self, ctx: SearchContext, resume: bool = False) -> SearchResult:
         clock = SessionClock()  # set-up included; a resume carries the checkpoint's time on
@@ -132,7 +139,7 @@ class TamNas:
         if resume:
             loop.resume()
         self.history = loop.history  # supernet epochs, then NSGA-II generations
-        scorer = self.scorer(cfg.val_n) if cfg.val_n > 0 else None
+        scorer = self.scorer(cfg.val_n, "pgd") if cfg.val_n > 0 else None  # the per-epoch check stays PGD
         loop.run(lambda epoch, g: self.trainer.train_epoch(epoch, g, loop.step_done, scorer), ctx.on_epoch_end)
         self.net.eval()
         with progress_bar(ctx.progress) as bar:
@@ -166,7 +173,8 @@ class TamNas:
         best = self.pick(front)
         front_out = [{**s, "genotype": self.space.decode(s["encoding"]).to_dict()} for s in front]
         extra: dict[str, Any] = {
-            "front": front_out, "objectives": list(OBJECTIVES), "params_scale": self.params_scale,
+            "front": front_out, "objectives": list(objective_names(cfg.score_attack)),
+            "score_attack": cfg.score_attack, "params_scale": self.params_scale,
             "supernet_params": count_params(self.net),
             "layer_frequencies": layer_frequencies([s["encoding"] for s in front], cfg.width_mult)}
         if ctx.out_dir is not None:
@@ -193,9 +201,10 @@ class TamNas:
         from robustnas.core.plots import plot_fronts, plot_heatmaps, plot_series
 
         gens = [h for h in result.history if h.get("phase") == "nsga2"]
+        attack = result.extra.get("score_attack", "pgd")
         lines = ["## TAM-NAS search", ""]
         if gens:
-            p1 = plot_fronts([g["front"] for g in gens], out / "plots" / "fronts.png")
+            p1 = plot_fronts([g["front"] for g in gens], out / "plots" / "fronts.png", y=ROBUST_ERR[attack])
             p2 = plot_series([g["generation"] for g in gens],
                              {"archive front": [g["hv"] for g in gens],
                               "population front": [g["population_hv"] for g in gens]},
@@ -203,9 +212,10 @@ class TamNas:
             lines += [f"![fronts](plots/{p1.name})", "", f"![hypervolume](plots/{p2.name})", ""]
         front = result.extra.get("front") or []
         if front:
-            lines += ["First front (supernet weights, BN recalibrated, held-out split):", "",
-                      "| params | clean err | PGD err |", "|---|---|---|"]
-            lines += [f"| {s['params']:,} | {s['clean_err']:.3f} | {s['pgd_err']:.3f} |"
+            under = "" if attack == "pgd" else f"; robust error under {AA_RANK_TITLE}"
+            lines += [f"First front (supernet weights, BN recalibrated, held-out split{under}):", "",
+                      f"| params | clean err | {ERR_HEADER[attack]} |", "|---|---|---|"]
+            lines += [f"| {s['params']:,} | {s['clean_err']:.3f} | {robust_err(s):.3f} |"
                       for s in sorted(front, key=lambda s: s["params"])] + [""]
         freq = result.extra.get("layer_frequencies")
         if freq:
@@ -228,9 +238,9 @@ class TamNas:
         return genotype_params(self.space.decode(encoding), meta.num_classes, meta.shape[0])
 
     def pick(self, front: Sequence[dict]) -> TinyGenotype:
-        """The front member written as genotype.json: the lowest PGD error (then clean error, then size);
-        use max_params to bound its size."""
-        best = min(front, key=lambda s: (s["pgd_err"], s["clean_err"], s["params"]))
+        """The front member written as genotype.json: the lowest robust error (PGD or aa-rank, as scored; then
+        clean error, then size); use max_params to bound its size."""
+        best = min(front, key=lambda s: (robust_err(s), s["clean_err"], s["params"]))
         g = self.space.decode(best["encoding"])
         g.source = f"robustnas search --method tamnas (seed {self.ctx.seed})"
         return g
@@ -258,7 +268,8 @@ class TamNas:
                               progress=ctx.progress)
             result = trainer.fit(resume=resume)
             entry = {"mode": mode, "genotype": genotype.to_dict(), "params": count_params(model),
-                     "search_clean_err": s["clean_err"], "search_pgd_err": s["pgd_err"],
+                     "search_clean_err": s["clean_err"],
+                     f"search_{ROBUST_ERR[s.get('score_attack', 'pgd')]}": robust_err(s),
                      "best_epoch": result.best_epoch, "val_clean": result.best_val_clean,
                      "val_robust": result.best_val_robust, "dir": str(out) if out is not None else None}
             if out is not None:

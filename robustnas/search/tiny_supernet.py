@@ -11,7 +11,8 @@ the images of the batch. SGD with a per-step cosine learning rate. TAM-NAS runs 
 scaffold (training/loop.py: seeding from (seed, epoch), checkpoints, resume); this file is one epoch's work.
 
 Scoring: a subnet is extracted with inherited weights, its BatchNorm recalibrated on fixed training
-images, then its clean and PGD error measured on fixed held-out images.
+images, then its clean and robust error measured on fixed held-out images: PGD error, or with
+`attack="aa-rank"` its error under aa-rank (AutoAttack-rank, not standard AA) on its BatchNorm-folded copy.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ from torch import Tensor, nn
 from robustnas.robustness.attacks import accuracy, fgsm_rs, pgd, robust_accuracy
 from robustnas.core.config import parse_eps
 from robustnas.data.datasets import Dataset
+from robustnas.evaluation.evaluate import accuracy_under_attack
 from robustnas.nets.size import count_params
 from robustnas.nets.spaces.tiny import TinySuperNet, recalibrate_bn
+from robustnas.search.nsga2 import ROBUST_ERR
 from robustnas.training.loop import cosine_lr, epoch_seed
 
 
@@ -51,15 +54,21 @@ def scoring_images(data: Dataset, seed: int, recal_n: int, eval_n: int,
 
 class SubnetScorer:
     """Scores one subnet: extract it with inherited weights, recalibrate BN on fixed training images,
-    then clean and PGD error on held-out images and its parameter count. Picklable (it carries the
-    supernet and its images), so any executor can run it."""
+    then clean and robust error on held-out images and its parameter count. `attack` names the robust
+    error: "pgd" (PGD-`pgd_steps`, key "pgd_err") or "aa-rank" (AutoAttack-rank, not standard AA, on the
+    BatchNorm-folded copy as an evaluation attacks it, key "aa_rank_err"); the score's "score_attack" says
+    which. The attack's noise is seeded from (seed, encoding). Picklable (it carries the supernet and its
+    images), so any executor can run it."""
 
     def __init__(self, supernet: TinySuperNet, recal_x: Tensor, eval_x: Tensor, eval_y: Tensor, eps: float,
-                 norm: str = "Linf", pgd_steps: int = 10, recal_batch_size: int = 64, seed: int = 0):
+                 norm: str = "Linf", pgd_steps: int = 10, recal_batch_size: int = 64, seed: int = 0,
+                 attack: str = "pgd"):
+        if attack not in ROBUST_ERR:
+            raise ValueError(f"unknown score attack {attack!r}; known: {', '.join(ROBUST_ERR)}")
         self.supernet = supernet
         self.recal_x, self.eval_x, self.eval_y = recal_x, eval_x, eval_y
         self.eps, self.norm, self.pgd_steps = eps, norm, pgd_steps
-        self.recal_batch_size, self.seed = recal_batch_size, seed
+        self.recal_batch_size, self.seed, self.attack = recal_batch_size, seed, attack
 
     def __call__(self, encoding: Sequence[int]) -> dict[str, Any]:
         encoding = [int(v) for v in encoding]
@@ -67,11 +76,15 @@ class SubnetScorer:
         recalibrate_bn(net, self.recal_x.split(self.recal_batch_size))
         x, y = self.eval_x, self.eval_y
         clean = accuracy(net, x, y)
-        gen = torch.Generator(device=x.device).manual_seed(encoding_seed(self.seed, encoding))
-        robust = robust_accuracy(net, x, y, lambda xb, yb: pgd(net, xb, yb, self.eps, steps=self.pgd_steps,
-                                                               norm=self.norm, generator=gen))
-        return {"encoding": encoding, "clean_err": 1.0 - clean, "pgd_err": 1.0 - robust,
-                "params": count_params(net)}
+        seed = encoding_seed(self.seed, encoding)
+        if self.attack == "pgd":
+            gen = torch.Generator(device=x.device).manual_seed(seed)
+            robust = robust_accuracy(net, x, y, lambda xb, yb: pgd(net, xb, yb, self.eps, steps=self.pgd_steps,
+                                                                   norm=self.norm, generator=gen))
+        else:
+            robust = accuracy_under_attack(net, x, y, self.eps, self.attack, self.norm, seed=seed)
+        return {"encoding": encoding, "clean_err": 1.0 - clean, ROBUST_ERR[self.attack]: 1.0 - robust,
+                "score_attack": self.attack, "params": count_params(net)}
 
 
 class SupernetTrainer:
