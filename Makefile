@@ -26,8 +26,10 @@ data:
 	  echo "fashion-mnist not installed (as root: apt-get install dataset-fashion-mnist): the demo will use digits"; \
 	fi
 
+# -n auto: one pytest-xdist worker per core, at most 4 (tests/conftest.py); --dist loadfile keeps each test
+# file on one worker, so its module fixtures are built once and its tests run in file order.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 demo: setup data
 	rm -rf runs/demo

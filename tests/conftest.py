@@ -1,12 +1,25 @@
 """Tests use tiny networks, for which one intra-op thread is faster than two and keeps runs repeatable
 (with more, thousands of tiny ops only add contention on a shared 2-core machine)."""
 
+import os
+
 import pytest
 import torch
 
 from robustnas.data.datasets import load_dataset
 
 torch.set_num_threads(1)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """`pytest -n auto` (make test): one worker per core this process may run on (the affinity mask, logical
+    cores: each test runs one torch thread), at most 4: each worker imports torch, and with whole files per
+    worker (--dist loadfile) the longest files, test_resume.py first, soon set the pace.
+    PYTEST_XDIST_AUTO_NUM_WORKERS still decides when set."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")

@@ -36,8 +36,27 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL_OPS = ["none", "max_pool_3x3", "skip_connect", "sep_conv_3x3", "dil_conv_3x3"]
 
 
+_SMALL_NETS: dict = {}
+
+
 def _trained_small_net(data, k: int) -> SuperNet:
-    """A 2-node, 5-op supernet (50 players) in float64, trained a little so that removals matter."""
+    """A 2-node, 5-op supernet (50 players) in float64, trained a little so that removals matter.
+
+    Trained once per (data, k) in this module: each call gets a copy of that network (weights, buffers, mode
+    and gradients), and torch's global random state is put back where training left it, so a test sees
+    exactly what a fresh training gives (7 calls, 2 trainings)."""
+    key = (id(data), k)
+    if key not in _SMALL_NETS:
+        _SMALL_NETS[key] = (data, _train_small_net(data, k), torch.get_rng_state())  # data: keeps id(data) taken
+    _, net, rng = _SMALL_NETS[key]
+    torch.set_rng_state(rng)
+    twin = copy.deepcopy(net)
+    for p, q in zip(net.parameters(), twin.parameters()):  # deepcopy drops a Parameter's .grad (the last step's)
+        q.grad = None if p.grad is None else p.grad.clone()
+    return twin
+
+
+def _train_small_net(data, k: int) -> SuperNet:
     m = data.meta
     torch.manual_seed(k)
     net = SuperNet(4, 10, 3, m.shape, m.mean, m.std, steps=2, multiplier=2, primitives=SMALL_OPS,
