@@ -422,3 +422,24 @@ def test_the_shipped_config_is_a_valid_run_of_this_method():
     strat = build_strategy(cmd.method, cmd.search)
     assert isinstance(strat, Dsrna) and strat.cfg.gamma == 0.01 and strat.cfg.order == "first"
     assert cmd.train.adv == "none"  # the paper's final training; adversarial is one setting away
+
+
+def test_the_verdict_says_when_the_certified_term_steered_nothing(data):
+    """A radius that was 0 at every alpha step, or a margin term 100x the validation loss, adds an "inert" line
+    to the search's verdict (and so to report.md and the terminal); a working metric, an epoch without alpha steps
+    and the Jacobian metric add none."""
+    from robustnas.results.report import decision_section
+
+    alphas = {k: torch.softmax(a.detach(), -1).tolist() for k, a in zip(("normal", "reduce"), _dsrna(data).alphas)}
+    radius = _dsrna(data, metric="cb")
+    inert = radius.decision(alphas, 0.5, {"alpha_updates": True, "metric_cb": 0.0, "ce_val": 2.0}).get("inert")
+    assert inert and "0 at every alpha step" in inert[0]
+    assert any(line.startswith("- inert: the certified-bound metric was 0") for line in decision_section(
+        radius.decision(alphas, 0.5, {"alpha_updates": True, "metric_cb": 0.0, "ce_val": 2.0})))
+    assert "inert" not in radius.decision(alphas, 0.5, {"alpha_updates": True, "metric_cb": 3e-4, "ce_val": 2.0})
+    assert "inert" not in radius.decision(alphas, 0.5, {"alpha_updates": False, "ce_val": 2.0})
+    margin = _dsrna(data, metric="combined", cb_form="margin")  # gamma 0.01
+    assert "outweighs" in margin.decision(alphas, 0.5, {"alpha_updates": True, "metric_cb": -1e5, "ce_val": 2.0})["inert"][0]
+    assert "inert" not in margin.decision(alphas, 0.5, {"alpha_updates": True, "metric_cb": -10.0, "ce_val": 2.0})
+    jacobian = _dsrna(data, metric="jacobian")
+    assert "inert" not in jacobian.decision(alphas, 0.5, {"alpha_updates": True, "metric_jacobian": 0.0, "ce_val": 2.0})

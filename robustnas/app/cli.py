@@ -176,9 +176,12 @@ def search(
 
 
 def _warn_undecided(decision: Optional[dict]) -> None:
-    """A yellow line per reason the search decided nothing (analysis.search_decision)."""
+    """A yellow line per reason the search decided nothing (analysis.search_decision), and per term of the
+    method's objective that steered nothing ("inert", e.g. DSRNA's certified bound)."""
     for w in (decision or {}).get("warnings", []):
         err_console.print(f"[bold yellow]WARNING: the search decided nothing: {w}[/]")
+    for w in (decision or {}).get("inert", []):
+        err_console.print(f"[bold yellow]WARNING: {w}[/]")
 
 
 @app.command()

@@ -94,6 +94,7 @@ def decision_section(decision: dict) -> list[str]:
         lines.append(f"- {c['of']}: validation clean accuracy {c['acc']:.3f} (95% CI {c['low']:.3f}-{c['high']:.3f}, "
                      f"n = {c['n']}) vs chance {c['chance']:.3f}; near chance (CI reaches chance + {CHANCE_MARGIN}): "
                      f"**{'yes' if c['near_chance'] else 'no'}**")
+    lines += [f"- inert: {w}" for w in decision.get("inert", [])]
     lines.append("- verdict: " + ("it decided something." if decision.get("decided") else
                                   "**it decided nothing; the searched architecture is effectively random.**"))
     return lines + [""]
@@ -114,6 +115,8 @@ def write_search_run_report(out: str | Path, cmd, result, searched: dict, baseli
     decision = getattr(result, "decision", None) or {}
     for w in decision.get("warnings", []):
         lines += [f"> **WARNING: the search decided nothing: {w}.**", ""]
+    for w in decision.get("inert", []):
+        lines += [f"> **WARNING: {w}.**", ""]
     lines += [f"eps {searched.get('eps')} ({searched.get('norm', 'Linf')}), n = {searched.get('n')} test images, "
               f"search {searched.get('search_seconds', 0):.0f} s.", ""]
     lines += decision_section(decision)

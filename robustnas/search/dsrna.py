@@ -216,6 +216,31 @@ class Dsrna(SupernetSearch):
             loss = loss - self.cfg.weight_reg * r
         return loss, logits
 
+    # ------------------------------------------------------------------------------------ verdict
+    def decision(self, alphas: dict[str, list[list[float]]], val_clean: float,
+                 record: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """The supernet verdict, plus an "inert" line when the certified-bound term steered nothing in this
+        epoch's alpha steps: the radius was 0 at every step (no image certified at any radius the bisection can
+        resolve), or the margin form's gamma_cb * R_CB outweighed the validation loss 100-fold (the alphas then
+        follow a vacuous bound alone)."""
+        out = super().decision(alphas, val_clean, record)
+        r, cfg = record or {}, self.cfg
+        if not out or cfg.metric == "jacobian" or not r.get("alpha_updates") or "metric_cb" not in r:
+            return out
+        gamma = cfg.gamma if cfg.gamma_cb is None else cfg.gamma_cb
+        if cfg.cb_form == "radius" and r["metric_cb"] == 0.0:
+            line = (f"the certified-bound metric was 0 at every alpha step of the epoch: no image was certified at "
+                    f"any radius from {self.cb_eps * 1e-6:.1e} up, so it steered nothing (the alphas follow the "
+                    f"validation loss{' and the Jacobian term' if cfg.metric == 'combined' else ''} alone; "
+                    f"docs/dsrna.md)")
+        elif cfg.cb_form != "radius" and abs(gamma * r["metric_cb"]) > 100 * abs(r.get("ce_val", 0.0)):
+            line = (f"gamma_cb * R_CB ({gamma * r['metric_cb']:.3g}) outweighs the validation loss "
+                    f"({r.get('ce_val', 0.0):.3g}) more than 100-fold: the alphas follow the certified bound alone, "
+                    f"which at this size is vacuous (docs/dsrna.md)")
+        else:
+            return out
+        return {**out, "inert": [*out.get("inert", []), line]}
+
     # ------------------------------------------------------------------------------------ logging
     def epoch_info(self, epoch: int) -> dict[str, Any]:
         """The metric on fixed validation images (the same ones every epoch; fixed projections)."""

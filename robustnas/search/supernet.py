@@ -380,7 +380,7 @@ class SupernetSearch:
         last = self.history[-1] if self.history else {}
         return SearchResult(genotype=genotype, history=self.history, seconds=clock.seconds(), sessions=clock.sessions,
                             extra={"alphas": alphas, "supernet_params": sum(p.numel() for p in self.weights)},
-                            decision=self.decision(alphas, last.get("val_clean", float("nan"))))
+                            decision=self.decision(alphas, last.get("val_clean", float("nan")), last))
 
     def epoch_loop(self, clock: Optional[SessionClock] = None) -> EpochLoop:
         """The epoch scaffold over this search's state (after `setup`): `.resume()` loads the checkpoint."""
@@ -428,13 +428,15 @@ class SupernetSearch:
         genotype = self.net.genotype()
         alphas = {k: w.tolist() for k, w in self.net.op_weights().items()}
         record.update({"val_clean": val_clean, "val_robust": val_robust, "alphas": alphas,
-                       "decision": self.decision(alphas, val_clean), "genotype": genotype.to_dict(),
+                       "decision": self.decision(alphas, val_clean, record), "genotype": genotype.to_dict(),
                        "seconds": time.perf_counter() - t0, "images_per_s": seen / train_seconds})
         return record
 
-    def decision(self, alphas: dict[str, list[list[float]]], val_clean: float) -> dict[str, Any]:
+    def decision(self, alphas: dict[str, list[list[float]]], val_clean: float,
+                 record: Optional[dict[str, Any]] = None) -> dict[str, Any]:
         """Did the search decide anything: the alphas' distance from uniform and the supernet's validation
-        accuracy (on min(val_n, |val|) images) against chance."""
+        accuracy (on min(val_n, |val|) images) against chance. `record`: the epoch's search.jsonl line so far,
+        for methods that also say when their own term steered nothing (a list "inert")."""
         return search_decision(alphas, val_clean, min(self.cfg.val_n, len(self.ctx.data.val)),
                                self.ctx.data.meta.num_classes)
 
