@@ -1,6 +1,7 @@
 """Per-image results, intervals in metrics.json, and paired comparisons (compare / benchmark) on digits."""
 
 import json
+import math
 import os
 
 import numpy as np
@@ -188,7 +189,7 @@ def test_plan_extrapolates_search_cost_from_the_calibration_search(monkeypatch, 
     (cal,) = seen  # one short search: two epochs of at most 4 batches, the first a warm-up one
     assert (cal.epochs, cal.max_batches_per_epoch, cal.warmup_epochs) == (2, 4, 1)
     assert strategy.cfg.warmup_epochs == 2  # the real settings, not the calibration's
-    assert cost.seconds(strategy.cfg, len(data.train)) == pytest.approx(fixed + 2 * (5 * 0.2 + 1) + 5 * (5 * 0.5 + 3))
+    assert cost.seconds(strategy, len(data.train)) == pytest.approx(fixed + 2 * (5 * 0.2 + 1) + 5 * (5 * 0.5 + 3))
 
 
 def test_plan_search_estimate_grows_with_the_batches_it_will_run(data, tmp_path):
@@ -201,11 +202,11 @@ def test_plan_search_estimate_grows_with_the_batches_it_will_run(data, tmp_path)
                 "val_steps": 1}
     cost, genotype, strategy = pipeline.calibrate_search("darts", settings, data, 0.1, "Linf", "cpu", 0, tmp_path)
     assert genotype is not None and cost.full[0] > 0 and cost.full[1] >= 0 and cost.warm is None
-    one = cost.seconds(strategy.cfg, len(data.train))
-    two = cost.seconds(build_strategy("darts", {**settings, "max_batches_per_epoch": 12}).cfg, len(data.train))
+    one = cost.seconds(strategy, len(data.train))
+    two = cost.seconds(build_strategy("darts", {**settings, "max_batches_per_epoch": 12}), len(data.train))
     assert two - one == pytest.approx(3 * 6 * cost.full[0])
     assert one < two <= 2 * one
-    more_epochs = cost.seconds(build_strategy("darts", {**settings, "epochs": 6}).cfg, len(data.train))
+    more_epochs = cost.seconds(build_strategy("darts", {**settings, "epochs": 6}), len(data.train))
     assert more_epochs - one == pytest.approx(3 * (6 * cost.full[0] + cost.full[1]))
 
 
@@ -263,3 +264,22 @@ def test_sequential_evaluation_stops_a_pair_once_its_interval_excludes_zero(runs
     res = compare_runs(dirs, tmp_path / "cmp", labels=["strong", "weak", "other"], sequential=stops)
     assert res["paired"]["sequential"] == stops
     assert "Sequential evaluation" in (tmp_path / "cmp" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("method,settings", [("darts", {}), ("advrush", {"alpha_batch": "fixed"}),
+                                             ("advrush", {"alpha_batch": "split"}), ("tamnas", {})])
+def test_plan_counts_the_steps_per_epoch_the_search_will_run(data, method, settings):
+    """The plan's steps per epoch come from the strategy itself (`steps_for`) and equal what its set-up then
+    runs: AdvRush's fixed alpha batch walks the whole training split, DARTS' halves half of it."""
+    from robustnas.app import pipeline
+    from robustnas.search import SearchContext, build_strategy
+
+    tiny = {"C": 2, "layers": 3} if method != "tamnas" else {}
+    strategy = build_strategy(method, {**tiny, **settings, "batch_size": 10, "epochs": 1})
+    planned = pipeline.batches_per_epoch(strategy, len(data.train))
+    strategy.setup(SearchContext(data=data, eps=0.1, seed=0, progress=False))
+    ran = strategy.trainer.steps_per_epoch if method == "tamnas" else strategy.steps_per_epoch
+    assert planned == ran
+    whole = math.ceil(len(data.train) / 10)
+    assert planned == (whole if method == "tamnas" or settings.get("alpha_batch") == "fixed" else
+                       math.ceil(round(0.5 * len(data.train)) / 10))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -24,6 +23,7 @@ from robustnas.core.executor import ExecutorSettings
 from robustnas.core.rundir import atomic_write_text, read_json, write_json
 from robustnas.nets.arch import build_arch, save_model
 from robustnas.nets.size import count_flops, count_params
+from robustnas.training.loop import epoch_steps
 from robustnas.training.trainer import Trainer, resolve_device
 
 
@@ -475,7 +475,6 @@ def sequential_evaluation(dirs: list[Path], labels: list[str], chunk: int, max_n
 
 
 # ------------------------------------------------------------------------------------------ benchmark --plan
-PLAN_KNOBS = ("epochs", "max_batches_per_epoch", "generations", "n")  # a search's cost grows with these
 CAL_BATCHES = 4   # batches per epoch of a calibration search (the per-batch cost comes from them)
 CAL_EPOCHS = 2    # epochs of a calibration training: the second, warm one is timed
 CAL_IMAGES = 50   # test images of a calibration evaluation
@@ -498,7 +497,8 @@ class SearchCost:
     """A search's cost model, from one short calibration search's own records (seconds and images/s of each
     epoch, seconds of each NSGA-II generation and of each scored candidate): set-up and finish (`fixed`), per
     batch and per-epoch overhead (validation, LRNAS's contribution round) of a warm-up epoch and of a full
-    one, per generation, per candidate. `seconds(cfg)` extrapolates it to a strategy's real settings."""
+    one, per generation, per candidate. `seconds(strategy, train_size)` extrapolates it to a strategy's real
+    settings."""
 
     fixed: float = 0.0
     warm: Optional[tuple[float, float]] = None   # (per batch, per-epoch overhead) of a warm-up epoch
@@ -506,10 +506,11 @@ class SearchCost:
     generation: float = 0.0
     candidate: float = 0.0
 
-    def seconds(self, cfg, train_size: int) -> float:
+    def seconds(self, strategy, train_size: int) -> float:
+        cfg = strategy.cfg
         epochs = getattr(cfg, "epochs", 0)
         warm = min(max(_warmup_knobs(cfg).values(), default=0), epochs)
-        batches = batches_per_epoch(cfg, train_size)
+        batches = batches_per_epoch(strategy, train_size)
         total = self.fixed + getattr(cfg, "generations", 0) * self.generation + getattr(cfg, "n", 0) * self.candidate
         for count, kind in ((warm, self.warm or self.full), (epochs - warm, self.full or self.warm)):
             if count and kind is not None:
@@ -540,13 +541,11 @@ class SearchCost:
         return cost
 
 
-def batches_per_epoch(cfg, train_size: int) -> int:
-    """Optimisation steps per epoch of a search: `max_batches_per_epoch`, or the (smaller) half of the
-    training images a supernet search splits into weight and alpha batches, in batches."""
-    portion = getattr(cfg, "train_portion", None)
-    images = train_size if portion is None else min(round(portion * train_size), train_size - round(portion * train_size))
-    whole = math.ceil(images / getattr(cfg, "batch_size", 1))
-    return min(whole, getattr(cfg, "max_batches_per_epoch", None) or whole)
+def batches_per_epoch(strategy, train_size: int) -> int:
+    """Steps per epoch of `strategy`'s search on `train_size` training images (its own `steps_for`; 0 for a
+    search without epochs)."""
+    steps_for = getattr(strategy, "steps_for", None)
+    return steps_for(train_size) if steps_for is not None else 0
 
 
 def calibrate_search(method: str, settings: dict, data: Dataset, eps: float, norm: str, device, seed: int,
@@ -559,7 +558,7 @@ def calibrate_search(method: str, settings: dict, data: Dataset, eps: float, nor
     strategy = build_strategy(method, settings)
     cfg, fields = strategy.cfg, type(strategy.cfg).model_fields
     cal = {"epochs": min(getattr(cfg, "epochs", 1), 2),
-           "max_batches_per_epoch": min(batches_per_epoch(cfg, len(data.train)), CAL_BATCHES),
+           "max_batches_per_epoch": min(batches_per_epoch(strategy, len(data.train)), CAL_BATCHES),
            "generations": 1, "n": 1}
     cal = {k: v for k, v in cal.items() if k in fields}
     cal.update({k: min(v, 1) for k, v in _warmup_knobs(cfg).items()})
@@ -567,7 +566,7 @@ def calibrate_search(method: str, settings: dict, data: Dataset, eps: float, nor
     ctx = SearchContext(data=data, eps=eps, norm=norm, device=device, seed=seed, out_dir=tmp / method, progress=False)
     torch.manual_seed(seed)
     t, result = _timed(small.search, ctx)
-    cost = SearchCost.from_records(result.history, t, small.cfg, batches_per_epoch(small.cfg, len(data.train)))
+    cost = SearchCost.from_records(result.history, t, small.cfg, batches_per_epoch(small, len(data.train)))
     return cost, result.genotype, strategy
 
 
@@ -582,9 +581,9 @@ def calibrate_train(model: torch.nn.Module, data: Dataset, train: TrainConfig, e
     part = DS(meta=data.meta, train=data.train.head(CAL_BATCHES * cfg.batch_size), val=data.val, test=data.test)
     last = Trainer(model, part, cfg, eps, seed=seed, device=device, progress=False).fit().history[-1]
     seen = min(len(part.train), CAL_BATCHES * cfg.batch_size)
-    per_batch = seen / last.images_per_s / math.ceil(seen / cfg.batch_size)
+    per_batch = seen / last.images_per_s / epoch_steps(seen, cfg.batch_size)
     per_val = max(last.seconds - seen / last.images_per_s, 0.0)
-    return train.epochs * (math.ceil(len(data.train) / train.batch_size) * per_batch + per_val)
+    return train.epochs * (epoch_steps(len(data.train), train.batch_size) * per_batch + per_val)
 
 
 def calibrate_attack(model: torch.nn.Module, data: Dataset, cmd: BenchmarkCommand, eps: float, device, seed: int,
@@ -593,14 +592,11 @@ def calibrate_attack(model: torch.nn.Module, data: Dataset, cmd: BenchmarkComman
     certification) timed on m images and scaled by n / m; the sanity checks' extra attacks, which see at most
     200 images, are timed on the same share of the m. Returns it with the timed model's clean and robust
     accuracy: pyautoattack attacks only the images still robust, so a more robust model costs more."""
-    import inspect
-
-    from robustnas.evaluation.evaluate import evaluate_model
+    from robustnas.evaluation.evaluate import SANITY_N, evaluate_model
 
     ev = cmd.evaluate
     m = min(m, ev.n, len(data.test))
-    cap = inspect.signature(evaluate_model).parameters["sanity_n"].default  # what evaluate_run's checks see
-    sanity = max(1, round(m * min(cap, ev.n) / ev.n))
+    sanity = max(1, round(m * min(SANITY_N, ev.n) / ev.n))  # the checks of evaluate_run see SANITY_N images
     t, metrics = _timed(evaluate_model, model, data.test.x[:m], data.test.y[:m], eps, attacks=ev.attacks,
                         norm=cmd.train.attack.norm, certify=ev.certify, batch_size=ev.batch_size, device=device,
                         seed=seed, progress=False, sanity_n=sanity)
@@ -662,7 +658,7 @@ def benchmark_plan(cmd: BenchmarkCommand, discordance: float = 0.2, seed_sd: flo
                 torch.manual_seed(cmd.seed)
                 model, _ = build_arch(str(_save_genotype(tmp / method, genotype)), data.meta,
                                       **final_network_size(rc, strategy))
-                members.append({"label": method, "search_s": cost.seconds(strategy.cfg, len(data.train)),
+                members.append({"label": method, "search_s": cost.seconds(strategy, len(data.train)),
                                 "model": model})
             for arch in cmd.baselines:
                 torch.manual_seed(cmd.seed)

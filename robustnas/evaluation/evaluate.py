@@ -40,6 +40,7 @@ from robustnas.robustness.certify import METHODS as CERTIFY_METHODS  # one list 
 DEFAULT_ATTACKS = ("fgsm", "pgd20", "autoattack")
 BLACK_BOX = ("square", "transfer")
 MAX_ZERO_GRAD_FRACTION = 0.01  # above this share of images with an exactly zero input gradient: masking
+SANITY_N = 200  # images the sanity checks' own extra attacks see (evaluate_model's sanity_n)
 SANITY_LEVEL = 0.95  # confidence level of the paired intervals the checks compare two attacks with
 
 
@@ -374,7 +375,7 @@ def evaluate_model(
     dataset_meta: Any = None,
     log: Optional[list[str]] = None,
     attack_options: Optional[dict[str, dict]] = None,
-    sanity_n: int = 200,
+    sanity_n: int = SANITY_N,
     per_image: Optional[dict[str, Tensor]] = None,
     interval: str = "wilson",
     fold_bn: bool = True,

@@ -14,7 +14,6 @@ norm, pixel-space steps, a warm-up and DARTS' split batches are options; docs/ad
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Literal, Optional
 
 import torch
@@ -26,6 +25,7 @@ from robustnas.robustness.attacks import eval_mode
 from robustnas.core.errors import UserError
 from robustnas.search.base import SearchContext, register
 from robustnas.search.supernet import SearchBatch, SupernetConfig, SupernetSearch, _flat
+from robustnas.training.loop import epoch_steps
 
 LossFn = Callable[[Tensor, Tensor], Tensor]  # (logits, y) -> per-sample loss
 
@@ -133,10 +133,15 @@ class Advrush(SupernetSearch):
         if cfg.alpha_batch == "fixed":
             n = len(ctx.data.train)
             self.w_idx = self.a_idx = torch.arange(n)  # the loop shuffles w_idx per epoch; a_idx is unused
-            per_epoch = math.ceil(n / cfg.batch_size)
-            self.steps_per_epoch = min(per_epoch, cfg.max_batches_per_epoch or per_epoch)
+            self.steps_per_epoch = self.steps_for(n)
             self.x_fixed = ctx.data.train.x[:cfg.batch_size].to(self.device)
             self.y_fixed = ctx.data.train.y[:cfg.batch_size].to(self.device)
+
+    def steps_for(self, train_size: int) -> int:
+        """With a fixed alpha batch the weights see the whole training split each epoch; else DARTS' halves."""
+        if self.cfg.alpha_batch == "fixed":
+            return epoch_steps(train_size, self.cfg.batch_size, self.cfg.max_batches_per_epoch)
+        return super().steps_for(train_size)
 
     @property
     def reg_warmup(self) -> int:

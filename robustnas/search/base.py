@@ -76,6 +76,8 @@ class Strategy(Protocol):
       Without it, `run` sizes the network from its `final:` settings.
     - `report_sections(result, out, meta) -> list[str]`: markdown lines (with plots written under
       out/plots) that `run`'s report.md shows after the common sections.
+    - `steps_for(train_size) -> int`: steps per epoch on a training split of that size, from the settings
+      alone (epoch-based searches; `benchmark --plan` extrapolates a search's cost with it).
     """
 
     name: ClassVar[str]

@@ -35,7 +35,7 @@ from robustnas.nets.genotypes import save_genotype
 from robustnas.search.base import SearchContext, SearchResult
 from robustnas.nets.spaces import get_space
 from robustnas.nets.spaces.darts import SuperNet
-from robustnas.training.loop import EpochLoop, SessionClock, cosine_lr, epoch_seed
+from robustnas.training.loop import EpochLoop, SessionClock, cosine_lr, epoch_seed, epoch_steps
 from robustnas.training.trainer import resolve_device
 
 CHECKPOINT = "search_checkpoint"  # .json + .e<epoch>.safetensors; not "checkpoint": the Trainer's, in a run dir
@@ -354,8 +354,12 @@ class SupernetSearch:
                             f"use more images or a train_portion nearer 0.5")
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(ctx.seed))
         self.w_idx, self.a_idx = perm[:n_w], perm[n_w:]
-        per_epoch = math.ceil(min(len(self.w_idx), len(self.a_idx)) / cfg.batch_size)
-        self.steps_per_epoch = min(per_epoch, cfg.max_batches_per_epoch or per_epoch)
+        self.steps_per_epoch = self.steps_for(n)
+
+    def steps_for(self, train_size: int) -> int:
+        """Steps per epoch: over the smaller of the weight and alpha halves (train_portion), in batches."""
+        n_w = int(round(self.cfg.train_portion * train_size))
+        return epoch_steps(min(n_w, train_size - n_w), self.cfg.batch_size, self.cfg.max_batches_per_epoch)
 
     # ================================================================================ the epochs
     def search(self, ctx: SearchContext, resume: bool = False) -> SearchResult:

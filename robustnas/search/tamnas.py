@@ -37,7 +37,7 @@ from robustnas.nets.size import count_params
 from robustnas.core.config import parse_count
 from robustnas.nets.spaces.tiny import (TinyGenotype, TinyNetwork, TinySuperNet, genotype_params, layer_frequencies,
                                    model_spec, recalibrate_bn)
-from robustnas.training.loop import EpochLoop, SessionClock, epoch_seed, progress_bar
+from robustnas.training.loop import EpochLoop, SessionClock, epoch_seed, epoch_steps, progress_bar
 from robustnas.training.trainer import Trainer, resolve_device
 
 CHECKPOINT = "search_checkpoint"  # .e<epoch>.safetensors (supernet, optimizer) + .json (history, NSGA-II state)
@@ -121,6 +121,10 @@ class TamNas:
         self.trainer = SupernetTrainer(self.net, cfg, data, self.eps, self.norm, ctx.seed, self.device)
         n_recal = cfg.recal_batches * cfg.recal_batch_size
         self.recal_x, self.eval_x, self.eval_y = scoring_images(data, ctx.seed, n_recal, cfg.eval_n, self.device)
+
+    def steps_for(self, train_size: int) -> int:
+        """Supernet-training steps per epoch (SupernetTrainer's): over the whole training split, in batches."""
+        return epoch_steps(train_size, self.cfg.batch_size, self.cfg.max_batches_per_epoch)
 
     def scorer(self, n: Optional[int] = None, attack: Optional[str] = None) -> SubnetScorer:
         """The subnet scorer on the first `n` eval images (default all), under `attack` (default score_attack)."""

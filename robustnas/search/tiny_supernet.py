@@ -17,7 +17,6 @@ images, then its clean and robust error measured on fixed held-out images: PGD e
 
 from __future__ import annotations
 
-import math
 import time
 import zlib
 from typing import Any, Callable, Optional, Sequence
@@ -34,7 +33,7 @@ from robustnas.evaluation.evaluate import accuracy_under_attack
 from robustnas.nets.size import count_params
 from robustnas.nets.spaces.tiny import TinySuperNet, recalibrate_bn
 from robustnas.search.nsga2 import ROBUST_ERR
-from robustnas.training.loop import cosine_lr, epoch_seed
+from robustnas.training.loop import cosine_lr, epoch_seed, epoch_steps
 
 
 def encoding_seed(seed: int, encoding: Sequence[int]) -> int:
@@ -102,8 +101,7 @@ class SupernetTrainer:
             (no_decay if p.dim() <= 1 else decay).append(p)
         self.opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
                                     {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, momentum=cfg.momentum)
-        per_epoch = math.ceil(len(data.train) / cfg.batch_size)
-        self.steps_per_epoch = min(per_epoch, cfg.max_batches_per_epoch or per_epoch)
+        self.steps_per_epoch = epoch_steps(len(data.train), cfg.batch_size, cfg.max_batches_per_epoch)
 
     def step_subnets(self, rng: np.random.Generator) -> list[list[int]]:
         if self.cfg.sampling == "sandwich":

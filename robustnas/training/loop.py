@@ -68,6 +68,13 @@ def progress_bar(enabled: bool) -> Progress:
                     TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False)
 
 
+def epoch_steps(images: int, batch_size: int, max_batches: Optional[int] = None) -> int:
+    """Optimisation steps of an epoch over `images` images in batches of `batch_size`, at most `max_batches`
+    (a CPU budget; None: all). The Trainer and every epoch-based search count their epochs' steps with this."""
+    whole = math.ceil(images / batch_size)
+    return min(whole, max_batches or whole)
+
+
 class SessionClock:
     """Wall time of one piece of work summed over the sessions that made it: started when created, it adds
     what earlier sessions recorded (`resumed`, from a checkpoint's `state()`). `sessions` counts the processes

@@ -6,7 +6,6 @@ scaffold (training/loop.py): per-epoch seeding from (seed, epoch), a checkpoint 
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from torch import Tensor, nn
 from robustnas.robustness.attacks import accuracy, eval_mode, fgsm_rs, pgd, robust_accuracy
 from robustnas.core.config import TrainConfig, parse_eps
 from robustnas.data.datasets import Dataset
-from robustnas.training.loop import EpochLoop, cosine_lr, epoch_seed
+from robustnas.training.loop import EpochLoop, cosine_lr, epoch_seed, epoch_steps
 
 __all__ = ["EpochLog", "TrainResult", "Trainer", "lr_at", "resolve_device"]
 
@@ -156,7 +155,7 @@ class Trainer:
 
     def fit(self, resume: bool = False) -> TrainResult:
         cfg = self.cfg
-        self.steps_per_epoch = math.ceil(len(self.data.train.x) / cfg.batch_size)
+        self.steps_per_epoch = epoch_steps(len(self.data.train.x), cfg.batch_size)
         select = {"robust": lambda r: (r["val_robust"], r["val_clean"]),
                   "clean": lambda r: (r["val_clean"], r["val_robust"]), "last": None}[cfg.select]
         self.loop = EpochLoop(self.out_dir, "checkpoint", self.seed, cfg.epochs, self.steps_per_epoch,
