@@ -221,7 +221,7 @@ def data(name, n=4, seed=0):
 def all_bounds(model, x, eps, raw=False):
     """name -> (lower, upper) of the logits, for every method."""
     out = {"ibp": ibp_bounds(model, x, eps)}
-    for inter in ("ibp", "crown", "forward"):
+    for inter in ("ibp", "crown", "forward", "zonotope"):
         out[f"crown/{inter}"] = crown_bounds(model, x, eps, intermediate=inter, intersect_ibp=not raw)
     return out
 
@@ -272,7 +272,8 @@ def test_bounds_contain_every_point_of_the_ball(name, eps):
     x, y = data(name)
     bounds = {**all_bounds(model, x, eps), **{f"raw {k}": v for k, v in all_bounds(model, x, eps, raw=True).items()
                                               if k != "ibp"}}
-    margins = {m: margin_lower_bound(model, x, y, eps, m) for m in ("ibp", "crown-ibp", "crown", "crown-fwd")}
+    margins = {m: margin_lower_bound(model, x, y, eps, m)
+               for m in ("ibp", "crown-ibp", "crown", "crown-fwd", "crown-zono")}
     C = torch.tensor([[1.0, -1.0, 0.0], [0.5, 0.5, -2.0]])  # a spec shared by the batch
     spec_lo, spec_hi = crown_bounds(model, x, eps, C=C, intermediate="crown", intersect_ibp=False)
     points = ball_points(model, x, y, eps)
@@ -314,7 +315,7 @@ def test_bounds_at_eps_zero_are_the_logits(name):
     for method, (lo, hi) in all_bounds(model, x, 0.0, raw=True).items():
         torch.testing.assert_close(lo, logits, atol=1e-4, rtol=1e-4, msg=method)
         torch.testing.assert_close(hi, logits, atol=1e-4, rtol=1e-4, msg=method)
-    for method in ("ibp", "crown-ibp", "crown", "crown-fwd"):
+    for method in ("ibp", "crown-ibp", "crown", "crown-fwd", "crown-zono"):
         torch.testing.assert_close(margin_lower_bound(model, x, y, 0.0, method), margin(logits, y),
                                    atol=1e-4, rtol=1e-4)
 
@@ -330,7 +331,7 @@ def test_crown_is_never_looser_than_ibp(name):
     for method, (lo, hi) in bounds.items():
         assert (lo >= ibp_lo - 1e-5).all() and (hi <= ibp_hi + 1e-5).all(), method
     m_ibp = margin_lower_bound(model, x, y, eps, "ibp")
-    for method in ("crown-ibp", "crown", "crown-fwd"):
+    for method in ("crown-ibp", "crown", "crown-fwd", "crown-zono"):
         assert (margin_lower_bound(model, x, y, eps, method) >= m_ibp - 1e-5).all()
 
 
@@ -350,7 +351,7 @@ def test_bounds_widen_with_eps(name):
     model = NETS[name][0]()
     x, _ = data(name)
     crown = name in ("mlp", "hand_cnn")  # IBP is monotone by construction; CROWN only in practice
-    methods = ["ibp", "crown/ibp", "crown/crown", "crown/forward"] if crown else ["ibp"]
+    methods = ["ibp", "crown/ibp", "crown/crown", "crown/forward", "crown/zonotope"] if crown else ["ibp"]
     previous = None
     for eps in (0.0, 0.01, 0.03, 0.1):
         bounds = all_bounds(model, x, eps) if crown else {"ibp": ibp_bounds(model, x, eps)}
@@ -429,7 +430,7 @@ def test_certified_radius_is_certified_and_tight(method):
     assert acc <= correct.float().mean()
 
 
-@pytest.mark.parametrize("method", ["ibp", "crown-ibp", "crown", "crown-fwd"])
+@pytest.mark.parametrize("method", ["ibp", "crown-ibp", "crown", "crown-fwd", "crown-zono"])
 def test_certified_accuracy_is_at_most_clean_accuracy(method):
     model = resnetish()
     x, _ = data("resnetish", n=9, seed=4)
@@ -553,3 +554,66 @@ def test_conv_transpose_path_equals_the_vjp():
         s.transpose = None
     graph._vjps.clear()
     torch.testing.assert_close(fast, backward_lower(graph, graph.output, spec), rtol=1e-5, atol=1e-5)
+
+
+class TiedPaths(nn.Module):
+    """A max-pool over a flat patch (every window a tie), two signed paths from it that cancel, a ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(1, 3, 2, bias=False)
+        self.fc = nn.Linear(3 * 4 * 4, 3)
+
+    def forward(self, x):
+        p = F.max_pool2d(x, 2, 1)
+        a = self.conv(p)
+        d = (a * 2.0 - a) - a + 0.5  # == 0.5 for every input
+        return self.fc(torch.relu(d - 0.2).flatten(1))
+
+
+def test_zonotope_intervals_keep_the_correlations_that_forward_bounds_lose():
+    """The value feeding the ReLU is the constant 0.3: its zonotope interval has width 0 (each relaxation's
+    slack is one symbol that the cancelling paths cancel), the forward linear bounds' does not (their lower
+    and upper functions part at the tied max-pool and |W| widens the gap on every path)."""
+    from robustnas.robustness.bounds import ForwardBounds, TracedModel, ZonotopeBounds
+
+    model = TiedPaths().eval()
+    x = torch.full((1, 1, 6, 6), 0.5)
+    lo, hi = x - 0.1, x + 0.1
+    traced = TracedModel(model)
+    widths = {}
+    for name, hook in (("forward", ForwardBounds), ("zonotope", ZonotopeBounds)):
+        graph = traced.propagate(lo, hi, forward=hook(lo, hi))
+        pre = graph.steps[[s.kind for s in graph.steps].index("relu")].inputs[0]
+        torch.testing.assert_close(graph.steps[pre].lo.mean(), torch.tensor(0.3), atol=0.5, rtol=0)
+        widths[name] = float((graph.steps[pre].hi - graph.steps[pre].lo).max())
+    assert widths["zonotope"] < 1e-6 < 0.1 < widths["forward"]
+    with torch.no_grad():
+        logits = model(x)
+    y = logits.argmax(1)
+    exact = margin(logits, y)  # the model is constant on the ball
+    torch.testing.assert_close(margin_lower_bound(model, x, y, 0.1, "crown-zono"), exact, atol=1e-5, rtol=0)
+    assert margin_lower_bound(model, x, y, 0.1, "crown-fwd") < exact - 0.01
+
+
+def test_zonotope_that_runs_out_of_columns_stays_sound():
+    """Past max_columns the zonotope stops and later values keep their IBP intervals: looser, still sound."""
+    from robustnas.robustness.bounds import zonotope
+
+    model = supernet()
+    x, y = data("supernet")
+    eps = 0.05
+    full = margin_lower_bound(model, x, y, eps, "crown-zono")
+    old = zonotope.MAX_COLUMNS
+    zonotope.MAX_COLUMNS = x[0].numel() + 2  # the first relaxation already overflows
+    try:
+        capped = margin_lower_bound(model, x, y, eps, "crown-zono")
+    finally:
+        zonotope.MAX_COLUMNS = old
+    torch.testing.assert_close(capped, margin_lower_bound(model, x, y, eps, "crown-ibp"))
+    assert (capped <= full + 1e-5).all() and (capped < full - 1e-3).any()
+    points = ball_points(model, x, y, eps)
+    with torch.no_grad():
+        worst = torch.stack([margin(model(p), y) for p in points]).min(0).values
+    assert (worst >= full - TOL).all()

@@ -102,7 +102,7 @@ def evaluate(
     eps: Optional[str] = typer.Option(None, help="attack radius (default: the run's)"),
     n: int = typer.Option(1000, help="number of test images"),
     batch_size: int = typer.Option(256),
-    certify: str = typer.Option("", help="comma list of bound methods: ibp, crown-ibp, crown-fwd (CROWN over forward linear intermediate bounds), crown (CROWN intermediate bounds; slow)"),
+    certify: str = typer.Option("", help="comma list of bound methods: ibp, crown-ibp, crown-fwd (CROWN over forward linear intermediate bounds), crown-zono (CROWN over zonotope intermediate bounds), crown (CROWN intermediate bounds; slow)"),
     transfer_from: Optional[str] = typer.Option(None, help="run directory of a surrogate model"),
     device: str = typer.Option("auto"),
     seed: int = typer.Option(0),

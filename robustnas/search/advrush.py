@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from robustnas.robustness.attacks import eval_mode
 from robustnas.core.errors import UserError
 from robustnas.search.base import SearchContext, register
-from robustnas.search.supernet import SearchBatch, SupernetConfig, SupernetSearch, _flat
+from robustnas.search.supernet import SearchBatch, SupernetConfig, SupernetSearch, term_share
 from robustnas.training.loop import epoch_steps
 
 LossFn = Callable[[Tensor, Tensor], Tensor]  # (logits, y) -> per-sample loss
@@ -197,12 +197,7 @@ class Advrush(SupernetSearch):
         else:
             (g_ce, g_reg), (ce_val, reg_val) = self.hypergradients(batch, ce, reg)
         self.apply_alpha_gradient([a + b for a, b in zip(g_ce, g_reg)])
-        g_ce, g_reg = _flat(g_ce), _flat(g_reg)
-        n_ce, n_reg = g_ce.norm(), g_reg.norm()
-        total = n_ce + n_reg
-        return {"alpha_loss": ce_val + reg_val, "ce_val": ce_val, **figures, "grad_ce": n_ce, "grad_curv": n_reg,
-                "curv_share": n_reg / total if total > 0 else total,
-                "grad_cos": F.cosine_similarity(g_ce, g_reg, dim=0, eps=1e-30)}
+        return {"alpha_loss": ce_val + reg_val, "ce_val": ce_val, **figures, **term_share(g_ce, g_reg, "curv")}
 
     def epoch_info(self, epoch: int) -> dict[str, Any]:
         info: dict[str, Any] = {"h": self.h_at(epoch), "penalty_on": self.penalty_on(epoch)}

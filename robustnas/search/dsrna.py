@@ -9,7 +9,7 @@ section 4):
 - "cb": R_CB, a certified lower bound propagated through the supernet (robustnas.robustness.certify; a MixedOp's
   bound is the softmax(alpha)-weighted sum of its ops' bounds, so the bound is differentiable in alpha), on the
   first cb_n images. By default (cb_form "radius") the mean certified radius: the largest eps' <= eps whose
-  margin bound (CROWN over interval intermediate bounds, "crown-ibp") is >= 0, with its implicit-function
+  margin bound (CROWN over zonotope intermediate bounds, "crown-zono") is >= 0, with its implicit-function
   gradient; cb_form "margin" is the batch mean of the margin bound f_y - max_{j != y} f_j at eps itself, which
   through a deep supernet at eps 0.1 is vacuous (-1e5 and worse) whatever the bound method (docs/dsrna.md);
 - "combined": R_CB + R_Jac.
@@ -34,11 +34,11 @@ from robustnas.core.config import parse_eps
 from robustnas.core.errors import UserError
 from robustnas.robustness.jacobian import jacobian_metric
 from robustnas.search.base import SearchContext, register
-from robustnas.search.supernet import SearchBatch, SupernetConfig, SupernetSearch
+from robustnas.search.supernet import SearchBatch, SupernetConfig, SupernetSearch, term_share
 from robustnas.training.loop import epoch_seed
 
 
-def certified_bound_metric(model: nn.Module, x: Tensor, y: Tensor, eps: float, method: str = "crown-ibp",
+def certified_bound_metric(model: nn.Module, x: Tensor, y: Tensor, eps: float, method: str = "crown-zono",
                            form: Literal["radius", "margin", "asinh"] = "radius", window: Optional[int] = None,
                            rtol: float = 0.1) -> Tensor:
     """R_CB over the Linf eps-ball (within [0, 1]), differentiable in the model's parameters, a supernet's alphas
@@ -50,9 +50,10 @@ def certified_bound_metric(model: nn.Module, x: Tensor, y: Tensor, eps: float, m
     is 0, so dr/dalpha = (dm/dalpha) / |dm/dr|, dm/dr taken as the secant of the bound over [r, r (1 + max(rtol, 0.01))].
     form="margin": the batch mean of the margin lower bound at eps (METHODS.md's R_CB); "asinh": of
     asinh(margin bound), the same sign and order with a bounded gradient.
-    method: how the bound is computed ("crown-ibp": CROWN final bound over interval intermediate bounds;
-    "crown-fwd": over forward linear intermediate bounds (no gradient through them); "crown": over CROWN
-    intermediate bounds walking back at most `window` graph values; "ibp": intervals). docs/dsrna.md.
+    method: how the bound is computed ("crown-zono": CROWN final bound over zonotope intermediate bounds (no
+    gradient through them); "crown-ibp": over interval intermediate bounds; "crown-fwd": over forward linear
+    intermediate bounds (no gradient through them); "crown": over CROWN intermediate bounds walking back at most
+    `window` graph values; "ibp": intervals). docs/dsrna.md.
     """
     window = window if method == "crown" else None
     if form == "radius":
@@ -102,11 +103,13 @@ class DsrnaConfig(SupernetConfig):
     # certified-bound metric. cb_form radius (default): the mean certified radius (largest eps' <= cb_eps whose
     # margin bound is >= 0, by bisection in log eps to cb_rtol, ~10 bounds an image) with its implicit-function
     # gradient; margin: the margin lower bound at cb_eps (vacuous through a deep supernet at eps 0.1: docs/dsrna.md);
-    # asinh: asinh of it. cb_method: crown-ibp (CROWN final bound over interval intermediate bounds), crown-fwd
-    # (forward linear intermediate bounds: tighter, ~2 (input entries + 1) forward passes per bound), crown (CROWN
-    # intermediate bounds, cb_window below; unaffordable at 28x28), ibp. docs/dsrna.md has the measurements.
+    # asinh: asinh of it. cb_method: crown-zono (CROWN final bound over zonotope intermediate bounds: as tight as
+    # full CROWN within ~15% of the radius on a trained supernet, where crown-ibp and crown-fwd certify nothing),
+    # crown-ibp (interval intermediate bounds: cheap, radius 0 on trained supernets), crown-fwd (forward linear
+    # intermediate bounds), crown (CROWN intermediate bounds, cb_window below; unaffordable at 28x28), ibp.
+    # docs/dsrna.md has the measurements.
     cb_form: Literal["radius", "margin", "asinh"] = "radius"
-    cb_method: Literal["crown-ibp", "crown-fwd", "crown", "ibp"] = "crown-ibp"
+    cb_method: Literal["crown-zono", "crown-ibp", "crown-fwd", "crown", "ibp"] = "crown-zono"
     cb_rtol: float = Field(default=0.1, gt=0)              # radius: relative width of the final bisection bracket
     cb_window: Optional[int] = Field(default=30, ge=1)        # crown: graph values an intermediate bound
     #                                                            walks back (cost ~ linear in it); None: all
@@ -179,20 +182,24 @@ class Dsrna(SupernetSearch):
         return sum((self.cfg.gamma if g[k] is None else g[k]) * v for k, v in parts.items())
 
     def alpha_step(self, batch: SearchBatch) -> dict[str, Any]:
-        """Descend L_val - sum gamma_m * R_m in the alphas (first or second order, through `hypergradients`)."""
+        """Descend L_val - sum gamma_m * R_m in the alphas (first or second order, through `hypergradients`). Logs
+        the metric's parts and how much it steers: the alpha-gradient norms of L_val and of the metric term,
+        the term's share and their cosine (`term_share`)."""
         n = self.cfg.metric_n or len(batch.y_a)
         x_m, y_m = batch.x_a[:n], batch.y_a[:n]
         figures: dict[str, Tensor] = {}
 
-        def loss(m: nn.Module) -> Tensor:
-            ce = F.cross_entropy(m(batch.x_a), batch.y_a)
-            r, parts = self.metric(m, x_m, y_m)
-            figures.update({"ce_val": ce.detach(), "metric": r.detach(), **{k: v.detach() for k, v in parts.items()}})
-            return ce - self.weighted_metric(parts)
+        def ce(m: nn.Module) -> Tensor:
+            return F.cross_entropy(m(batch.x_a), batch.y_a)
 
-        (grad,), (value,) = self.hypergradients(batch, loss)
-        self.apply_alpha_gradient(grad)
-        return {"alpha_loss": value, **figures}
+        def reg(m: nn.Module) -> Tensor:
+            r, parts = self.metric(m, x_m, y_m)
+            figures.update({"metric": r.detach(), **{k: v.detach() for k, v in parts.items()}})
+            return -self.weighted_metric(parts)
+
+        (g_ce, g_reg), (ce_val, reg_val) = self.hypergradients(batch, ce, reg)
+        self.apply_alpha_gradient([a + b for a, b in zip(g_ce, g_reg)])
+        return {"alpha_loss": ce_val + reg_val, "ce_val": ce_val, **figures, **term_share(g_ce, g_reg, "metric")}
 
     # ------------------------------------------------------------------------------------ weight step
     def search_step(self, x_w: Tensor, y_w: Tensor, x_a: Tensor, y_a: Tensor, lr: float, epoch: int = 0,
@@ -221,8 +228,8 @@ class Dsrna(SupernetSearch):
                  record: Optional[dict[str, Any]] = None) -> dict[str, Any]:
         """The supernet verdict, plus an "inert" line when the certified-bound term steered nothing in this
         epoch's alpha steps: the radius was 0 at every step (no image certified at any radius the bisection can
-        resolve), or the margin form's gamma_cb * R_CB outweighed the validation loss 100-fold (the alphas then
-        follow a vacuous bound alone)."""
+        resolve), the margin form's gamma_cb * R_CB outweighed the validation loss 100-fold (the alphas then
+        follow a vacuous bound alone), or the metric term's share of the alpha gradient was under 1%."""
         out = super().decision(alphas, val_clean, record)
         r, cfg = record or {}, self.cfg
         if not out or cfg.metric == "jacobian" or not r.get("alpha_updates") or "metric_cb" not in r:
@@ -237,6 +244,10 @@ class Dsrna(SupernetSearch):
             line = (f"gamma_cb * R_CB ({gamma * r['metric_cb']:.3g}) outweighs the validation loss "
                     f"({r.get('ce_val', 0.0):.3g}) more than 100-fold: the alphas follow the certified bound alone, "
                     f"which at this size is vacuous (docs/dsrna.md)")
+        elif r.get("metric_share") is not None and r["metric_share"] < 0.01:
+            line = (f"the metric term's share of the alpha gradient was {100 * r['metric_share']:.2g}% (< 1%) over "
+                    f"the epoch: the alphas followed the validation loss; raise gamma_cb (or gamma) to let it steer "
+                    f"(docs/dsrna.md)")
         else:
             return out
         return {**out, "inert": [*out.get("inert", []), line]}

@@ -117,9 +117,22 @@ def _flat(tensors: Sequence[Tensor]) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
+def term_share(g_main: Sequence[Tensor], g_term: Sequence[Tensor], name: str) -> dict[str, Tensor]:
+    """How much a regulariser steers the alphas: the alpha-gradient norms of the main loss (grad_ce) and of the
+    term (grad_<name>), the term's share ||g_term|| / (||g_main|| + ||g_term||) (<name>_share) and the cosine of
+    the two (grad_cos)."""
+    g_main, g_term = _flat(g_main), _flat(g_term)
+    n_main, n_term = g_main.norm(), g_term.norm()
+    total = n_main + n_term
+    return {"grad_ce": n_main, f"grad_{name}": n_term, f"{name}_share": n_term / total if total > 0 else total,
+            "grad_cos": F.cosine_similarity(g_main, g_term, dim=0, eps=1e-30)}
+
+
 def _grads(loss: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
     """d loss / d params, zeros for parameters the loss does not reach (e.g. an alpha set of a cell kind
-    that a small network has no cell of)."""
+    that a small network has no cell of, or a loss that is constant: a radius of 0)."""
+    if not loss.requires_grad:
+        return [torch.zeros_like(p) for p in params]
     grads = torch.autograd.grad(loss, list(params), allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
