@@ -91,7 +91,18 @@ class ForwardBounds:
         ins = [self.coeffs[j] for j in step.inputs]
         zeros = [l.new_zeros(l.shape[0], *l.shape[2:]) for l, _ in ins]  # contiguous, as the op's input is
         bias = step.fn(*zeros)
-        if step.scales is not None:  # elementwise: out = sum_j s_j * in_j + bias
+        if step.batched is not None:  # one call over all columns (Step.batched; the radius map is batched too)
+            (l, u), = ins
+
+            def cols(f, t: Tensor) -> Tensor:
+                return f(t.flatten(0, 1)).unflatten(0, t.shape[:2])
+
+            if step.abs_fn is None:
+                lo, hi = cols(step.batched, l), cols(step.batched, u)
+            else:
+                mid, rad = cols(step.batched, (l + u) / 2), cols(step.abs_fn, (u - l) / 2)
+                lo, hi = mid - rad, mid + rad
+        elif step.scales is not None:  # elementwise: out = sum_j s_j * in_j + bias
             lo = hi = None
             for (l, u), s in zip(ins, step.scales):
                 s = _expand(s, l)
