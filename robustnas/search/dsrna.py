@@ -145,6 +145,7 @@ class DsrnaConfig(SupernetConfig):
 class Dsrna(SupernetSearch):
     name = "dsrna"
     Config = DsrnaConfig
+    step_series = ("metric_cb", "metric_share")  # search.jsonl: metric_cb_steps, metric_share_steps
 
     def setup(self, ctx: SearchContext) -> None:
         if ctx.norm != "Linf" and self.cfg.metric in ("cb", "combined"):
