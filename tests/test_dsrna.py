@@ -361,7 +361,7 @@ def test_alpha_step_descends_val_loss_minus_gamma_times_the_metric(data):
     net = strat.net.eval()  # no BatchNorm statistics updates between the two computations
     ce = F.cross_entropy(net(batch.x_a), batch.y_a)
     r, _ = strat.metric(net, batch.x_a[:5], batch.y_a[:5])
-    expected = torch.autograd.grad(ce - 0.5 * r, strat.alphas)
+    expected = torch.autograd.grad(ce - 0.5 * r, strat.alphas, retain_graph=True)
 
     captured = {}
     strat.apply_alpha_gradient = lambda grads: captured.setdefault("g", grads)
@@ -370,7 +370,13 @@ def test_alpha_step_descends_val_loss_minus_gamma_times_the_metric(data):
     for g, e in zip(captured["g"], expected):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(info["alpha_loss"], (ce - 0.5 * r).detach(), rtol=1e-5, atol=1e-6)
-    assert set(info) >= {"ce_val", "metric", "metric_jacobian", "metric_cb"}
+    assert set(info) >= {"ce_val", "metric", "metric_jacobian", "metric_cb", "grad_cos"}
+    # how much the metric steers: the norms of the two gradients and the metric's share
+    g_ce = torch.cat([g.flatten() for g in torch.autograd.grad(ce, strat.alphas, retain_graph=True)])
+    g_m = torch.cat([g.flatten() for g in torch.autograd.grad(-0.5 * r, strat.alphas)])
+    torch.testing.assert_close(info["grad_ce"], g_ce.norm(), rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(info["grad_metric"], g_m.norm(), rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(info["metric_share"], g_m.norm() / (g_ce.norm() + g_m.norm()), rtol=1e-4, atol=1e-8)
 
 
 def test_alpha_steps_on_the_metric_alone_raise_it(data):
@@ -462,9 +468,9 @@ def test_the_shipped_config_is_a_valid_run_of_this_method():
 
 
 def test_the_verdict_says_when_the_certified_term_steered_nothing(data):
-    """A radius that was 0 at every alpha step, or a margin term 100x the validation loss, adds an "inert" line
-    to the search's verdict (and so to report.md and the terminal); a working metric, an epoch without alpha steps
-    and the Jacobian metric add none."""
+    """A radius that was 0 at every alpha step, a margin term 100x the validation loss, or a metric term under 1% of
+    the alpha gradient adds an "inert" line to the search's verdict (and so to report.md and the terminal); a working
+    metric with a real share and an epoch without alpha steps add none."""
     from robustnas.results.report import decision_section
 
     alphas = {k: torch.softmax(a.detach(), -1).tolist() for k, a in zip(("normal", "reduce"), _dsrna(data).alphas)}
@@ -480,3 +486,8 @@ def test_the_verdict_says_when_the_certified_term_steered_nothing(data):
     assert "inert" not in margin.decision(alphas, 0.5, {"alpha_updates": True, "metric_cb": -10.0, "ce_val": 2.0})
     jacobian = _dsrna(data, metric="jacobian")
     assert "inert" not in jacobian.decision(alphas, 0.5, {"alpha_updates": True, "metric_jacobian": 0.0, "ce_val": 2.0})
+    # a working metric whose term is under 1% of the alpha gradient (the issue's digits search at gamma 0.01: 0.0015%)
+    for strat, record in ((radius, {"metric_cb": 2e-4}), (jacobian, {"metric_jacobian": -9.0})):
+        record = {**record, "alpha_updates": True, "ce_val": 2.0}
+        assert "(< 1%)" in strat.decision(alphas, 0.5, {**record, "metric_share": 1.5e-5})["inert"][0]
+        assert "inert" not in strat.decision(alphas, 0.5, {**record, "metric_share": 0.1})

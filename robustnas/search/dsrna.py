@@ -233,22 +233,23 @@ class Dsrna(SupernetSearch):
         follow a vacuous bound alone), or the metric term's share of the alpha gradient was under 1%."""
         out = super().decision(alphas, val_clean, record)
         r, cfg = record or {}, self.cfg
-        if not out or cfg.metric == "jacobian" or not r.get("alpha_updates") or "metric_cb" not in r:
+        if not out or not r.get("alpha_updates"):
             return out
         gamma = cfg.gamma if cfg.gamma_cb is None else cfg.gamma_cb
-        if cfg.cb_form == "radius" and r["metric_cb"] == 0.0:
+        cb = cfg.metric != "jacobian" and "metric_cb" in r
+        if cb and cfg.cb_form == "radius" and r["metric_cb"] == 0.0:
             line = (f"the certified-bound metric was 0 at every alpha step of the epoch: no image was certified at "
                     f"any radius from {self.cb_eps * 1e-6:.1e} up, so it steered nothing (the alphas follow the "
                     f"validation loss{' and the Jacobian term' if cfg.metric == 'combined' else ''} alone; "
                     f"docs/dsrna.md)")
-        elif cfg.cb_form != "radius" and abs(gamma * r["metric_cb"]) > 100 * abs(r.get("ce_val", 0.0)):
+        elif cb and cfg.cb_form != "radius" and abs(gamma * r["metric_cb"]) > 100 * abs(r.get("ce_val", 0.0)):
             line = (f"gamma_cb * R_CB ({gamma * r['metric_cb']:.3g}) outweighs the validation loss "
                     f"({r.get('ce_val', 0.0):.3g}) more than 100-fold: the alphas follow the certified bound alone, "
                     f"which at this size is vacuous (docs/dsrna.md)")
         elif r.get("metric_share") is not None and r["metric_share"] < 0.01:
             line = (f"the metric term's share of the alpha gradient was {100 * r['metric_share']:.2g}% (< 1%) over "
-                    f"the epoch: the alphas followed the validation loss; raise gamma_cb (or gamma) to let it steer "
-                    f"(docs/dsrna.md)")
+                    f"the epoch: the alphas followed the validation loss; raise gamma (gamma_cb, gamma_jacobian) to "
+                    f"let it steer (docs/dsrna.md)")
         else:
             return out
         return {**out, "inert": [*out.get("inert", []), line]}
