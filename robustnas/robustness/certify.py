@@ -265,9 +265,10 @@ def _bracket(model: nn.Module, traced: TracedModel, x: Tensor, y: Tensor, method
              rtol: Optional[float], min_eps: float, clip: Clip, window: Optional[int]) -> tuple[Tensor, Tensor]:
     """(lo, hi) per sample, both (N,): lo is certified (0: misclassified, or not certified at the floor), hi is not
     (hi = lo = max_eps where max_eps is certified). Bisection on [0, max_eps] at the midpoint until hi - lo <= tol
-    (rtol None), or on [min_eps, max_eps] at the geometric mean until hi <= lo (1 + rtol). The ends are bounded
-    only when the bisection never left them (max_eps untouched: is it certified? the floor never raised: is it?),
-    two bounds fewer for most samples; the bisection, like the radius, takes the bound as monotone in eps."""
+    (rtol None), or on [min_eps, max_eps] at the geometric mean until hi <= lo (1 + rtol). max_eps is bounded only
+    where the bisection never lowered hi, min_eps only where the first probe failed (radius 0 then costs two
+    bounds, as before; any other radius two fewer); the bisection, like the radius, takes the bound as monotone
+    in eps."""
     n = x.shape[0]
 
     def certified(e: Tensor, which: Tensor) -> Tensor:
@@ -284,18 +285,25 @@ def _bracket(model: nn.Module, traced: TracedModel, x: Tensor, y: Tensor, method
     top = torch.full((n,), float(max_eps), dtype=x.dtype, device=x.device)
     floor = torch.zeros_like(top) if rtol is None else torch.full_like(top, float(min_eps))
     lo, hi = floor.clone(), top.clone()
-    raised = torch.zeros_like(correct)  # lo was certified by a probe
-    while bool((correct & wide(lo, hi)).any()):
-        open_ = correct & wide(lo, hi)
+    # the floor holds where a probe above it was certified; eps 0 (rtol None) always does; min_eps is bounded
+    # only for a sample whose first probe failed, and where it fails too the radius is 0 (no more probes)
+    floor_ok = correct.clone() if rtol is None else torch.zeros_like(correct)
+    live = correct.clone()
+    while True:
+        open_ = live & wide(lo, hi)
+        if not bool(open_.any()):
+            break
         mid = (lo + hi) / 2 if rtol is None else (lo * hi).sqrt()
         ok = certified(mid, open_)
         lo, hi = torch.where(ok, mid, lo), torch.where(open_ & ~ok, mid, hi)
-        raised |= ok
-    at_max = certified(top, correct & (hi == top))
+        first_miss = open_ & ~ok & ~floor_ok
+        floor_ok |= ok | certified(floor, first_miss)
+        live &= floor_ok | ~first_miss
+    at_max = certified(top, live & (hi == top))
     lo, hi = torch.where(at_max, top, lo), torch.where(at_max, top, hi)
-    # the floor: eps 0 certifies every correct sample (rtol None); min_eps only where a probe above it did
-    ok_floor = raised | at_max | (correct if rtol is None else certified(floor, correct & ~raised & ~at_max))
-    return torch.where(ok_floor & correct, lo, torch.zeros_like(lo)), hi
+    unprobed = live & ~floor_ok & ~at_max  # a bracket narrower than rtol from the start
+    floor_ok |= at_max | certified(floor, unprobed)
+    return torch.where(live & floor_ok, lo, torch.zeros_like(lo)), hi
 
 
 def _check_radius_args(max_eps: float, tol: float, rtol: Optional[float], min_eps: float) -> None:
