@@ -8,6 +8,7 @@ import operator
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torch.fx
 from torch import nn
 
@@ -23,8 +24,9 @@ ALLOWED_MODULES = (
     nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.ReLU, nn.AvgPool2d, nn.MaxPool2d,
     nn.AdaptiveAvgPool2d, nn.Flatten, nn.Identity,
 )  # fmt: skip
-# add and cat join branches; sub and truediv are Normalize, traced through.
-ALLOWED_FUNCTIONS = {operator.add, torch.cat, operator.sub, operator.truediv}
+# add and cat join branches; sub and truediv are Normalize, traced through; getitem and conv2d are a strided
+# 1x1 conv (PointwiseConv2d: subsample, then a 1x1 conv), traced through.
+ALLOWED_FUNCTIONS = {operator.add, torch.cat, operator.sub, operator.truediv, operator.getitem, F.conv2d}
 
 
 def stats(c: int) -> tuple[list[float], list[float]]:

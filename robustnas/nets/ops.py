@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from robustnas.nets.models.base import PointwiseConv2d
+
 
 class ReLUConvBN(nn.Sequential):
     """ReLU -> Conv -> BN: the pre-activation conv block DARTS uses for cell preprocessing."""
@@ -86,8 +88,8 @@ class FactorizedReduce(nn.Module):
         if C_out % 2:
             raise ValueError(f"FactorizedReduce needs an even number of output channels, got {C_out}")
         self.relu = nn.ReLU(inplace=False)
-        self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
-        self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
+        self.conv_1 = PointwiseConv2d(C_in, C_out // 2, stride=2)
+        self.conv_2 = PointwiseConv2d(C_in, C_out // 2, stride=2)
         self.bn = nn.BatchNorm2d(C_out, affine=affine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

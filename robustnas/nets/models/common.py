@@ -13,6 +13,7 @@ from typing import Sequence
 from torch import nn
 
 from robustnas.core.errors import UserError
+from robustnas.nets.models.base import conv2d
 
 # A stride-2 step is taken only while the smaller side is at least this wide, so the last map is >= 2x2.
 MIN_SIDE_TO_DOWNSAMPLE = 4
@@ -39,7 +40,7 @@ def pool_out(size: tuple[int, int]) -> tuple[int, int]:
 
 def conv_bn_relu(c_in: int, c_out: int, stride: int = 1, kernel: int = 3, groups: int = 1) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False),
+        conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, groups=groups),
         nn.BatchNorm2d(c_out),
         nn.ReLU(),
     )

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from robustnas.nets.models.base import Normalize
+from robustnas.nets.models.base import Normalize, conv2d
 from robustnas.nets.models.common import can_downsample, channels, check_args, check_depth, conv_out, make_config
 
 # depth -> blocks per stage (two 3x3 convs per block); 18 is the RobustBench PreActResNet-18.
@@ -30,7 +30,7 @@ class PreActBlock(nn.Module):
         self.relu2 = nn.ReLU()
         self.conv2 = nn.Conv2d(c_out, c_out, 3, stride=1, padding=1, bias=False)
         self.project = stride != 1 or c_in != c_out
-        self.shortcut = nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False) if self.project else nn.Identity()
+        self.shortcut = conv2d(c_in, c_out, 1, stride=stride) if self.project else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu1(self.bn1(x))
