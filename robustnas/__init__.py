@@ -1,3 +1,12 @@
 """robustnas: search, adversarially train and honestly evaluate robust architectures."""
 
+import os as _os
+
+# OpenMP's worker threads sleep when a parallel region ends instead of spinning (libgomp's default spins up to
+# 300,000 iterations). These networks run thousands of tiny parallel regions a step, and beside one busy
+# process on 2 cores the spinning made a 2-thread run 5.6x slower, passive 1.25x (benchmarks/bench_threads.py,
+# docs/performance.md). libgomp reads the variable when torch loads it, so it is set here, before any import
+# of torch by this package; a value the user set wins.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 __version__ = "0.1.0"

@@ -1,6 +1,7 @@
 """Tests use tiny networks, for which one intra-op thread is faster than two and keeps runs repeatable
 (with more, thousands of tiny ops only add contention on a shared 2-core machine)."""
 
+import faulthandler
 import os
 
 import pytest
@@ -9,6 +10,27 @@ import torch
 from robustnas.data.datasets import load_dataset
 
 torch.set_num_threads(1)
+
+
+def pytest_configure(config):
+    """The stderr the backstop below writes to: a copy of it as it is now, before a test's output is captured
+    (pytest's own faulthandler plugin keeps one the same way)."""
+    config._robustnas_stderr_fd = os.dup(2)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Backstop behind pytest-timeout (pyproject.toml): a worker deadlocked inside malloc after heap corruption
+    may never run pytest-timeout's Python thread, so faulthandler, which writes without allocating, dumps every
+    thread's stack and ends the process 60 s after that limit; pytest-xdist then reports this test as failed."""
+    limit = float(item.config.getoption("timeout", None) or item.config.getini("timeout") or 0)
+    if limit > 0:
+        faulthandler.dump_traceback_later(limit + 60, exit=True, file=item.config._robustnas_stderr_fd)
+    try:
+        return (yield)
+    finally:
+        if limit > 0:
+            faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -241,15 +241,22 @@ def test_the_same_network_unmasked_passes_every_check(digits, robust):
 
 
 def test_more_steps_flags_an_unconverged_pgd_that_a_fixed_tolerance_let_through(digits, robust):
-    # PGD-20 with a step of 0.006 (the default is 2.5 * 0.1 / 20 = 0.0125) has not converged: PGD-100 breaks
-    # 9 more of these 200 images and no fewer, a drop below the old fixed tolerance of 2 SE + 1 image
+    # PGD-20 with a step below the default (2.5 * 0.1 / 20 = 0.0125) has not converged: PGD-100 breaks a few
+    # more of these 200 images and no fewer, a drop below the old fixed tolerance of 2 SE + 1 image. How many
+    # more depends on the trained weights, which differ between CPUs (AVX2: 12 at step 0.006, AVX-512: 9), so
+    # the first step size whose drop the old tolerance let through is the case the check must flag.
     x, y = digits.test.x[:200], digits.test.y[:200]
-    m = evaluate_model(robust, x, y, EPS, attacks=("fgsm", "pgd20"), attack_options={"pgd20": {"step_size": 0.006}},
-                       progress=False)
-    assert m["sanity"]["more_steps"]["status"] == "fail", m["sanity"]["more_steps"]
     x100 = get_attack("pgd100")(robust, x, y, EPS, generator=torch.Generator().manual_seed(0))
-    p20, p100, n = m["robust_acc"]["pgd20"], correct_after(robust, x, y, x100).float().mean().item(), len(y)
-    assert 0 < p20 - p100 < 2 * math.sqrt(p20 * (1 - p20) / n) + 1 / n
+    p100, n = correct_after(robust, x, y, x100).float().mean().item(), len(y)
+    for step in (0.006, 0.007, 0.008, 0.009):
+        m = evaluate_model(robust, x, y, EPS, attacks=("fgsm", "pgd20"), attack_options={"pgd20": {"step_size": step}},
+                           progress=False)
+        p20 = m["robust_acc"]["pgd20"]
+        if 0 < p20 - p100 < 2 * math.sqrt(p20 * (1 - p20) / n) + 1 / n:
+            break
+    else:
+        pytest.fail(f"no step size gave a PGD-20 that the old tolerance let through (last: {p20} vs {p100})")
+    assert m["sanity"]["more_steps"]["status"] == "fail", (step, m["sanity"]["more_steps"])
 
 
 def test_paired_difference_counts_only_discordant_images():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional
 
@@ -17,6 +18,30 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Search, adversarially train and honestly evaluate robust architectures.")
 console = Console()
 err_console = Console(stderr=True)
+
+
+@app.callback()
+def _threads(
+    threads: Optional[int] = typer.Option(
+        None, "--threads", envvar="ROBUSTNAS_THREADS", min=1,
+        help="torch intra-op threads (default: torch's, one per physical core); fewer on a busy machine"),
+) -> None:
+    """Search, adversarially train and honestly evaluate robust architectures."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _say_threads(progress: bool) -> None:
+    """A command that trains or attacks says, with its progress display, how many threads it runs on (a run
+    beside other work on a small machine may be faster with fewer: README, "On a busy machine")."""
+    if progress:
+        import torch
+
+        err_console.print(f"threads: {torch.get_num_threads()} (OMP_WAIT_POLICY="
+                          f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}; --threads N or ROBUSTNAS_THREADS=N to "
+                          f"change)", highlight=False)
 
 
 def _run(fn, *args, **kw):
@@ -77,6 +102,7 @@ def train(
              "train": {"adv": adv, "epochs": epochs, "batch_size": batch_size, "lr": lr,
                        "attack": {"eps": eps, "steps": steps}}}
     cmd = _run(validate, TrainCommand, deep_update(base, flags))
+    _say_threads(progress)
     m = _run(train_run, cmd, resume=resume, progress=progress)
     rob = ", ".join(f"{k} {v:.4f}" for k, v in m["robust_acc"].items())
     console.print(f"{m['run_dir']}: clean {m['clean_acc']:.4f}, {rob} at eps {m['eps']} "
@@ -115,6 +141,7 @@ def evaluate(
     directory."""
     from robustnas.evaluation.evaluate import evaluate_run
 
+    _say_threads(progress)
     m = _run(evaluate_run, run_dir, attacks=_csv(attacks), eps=eps, n=n, batch_size=batch_size,
              certify=_csv(certify) or (), transfer_from=transfer_from, device=device, seed=seed, progress=progress,
              interval=interval, fold_bn=fold_bn)
@@ -169,6 +196,7 @@ def search(
                         **executor_flags(workers, ray, ray_address)},
              "data": {"dataset": dataset, "data_dir": data_dir, "subset": subset}, "attack": {"eps": eps}}
     cmd = _run(validate, SearchCommand, deep_update(base, flags))
+    _say_threads(progress)
     result, out_dir = _run(search_run, cmd, resume=resume, progress=progress)
     over = f" over {result.sessions} sessions" if result.sessions > 1 else ""
     console.print(f"{out_dir}/genotype.json written ({result.seconds:.0f} s of search{over})")
@@ -205,6 +233,7 @@ def run(
     search = {"max_params": max_params, **executor_flags(workers, ray, ray_address)}
     cmd = _run(validate, RunCommand, deep_update(base, {"out": out, "seed": seed, "device": device,
                                                         "search": search}))
+    _say_threads(progress)
     m = _run(run_pipeline, cmd, resume=resume, progress=progress)
     _print_metrics(f"{m['run_dir']} (searched)", m)
     _warn_undecided(m.get("search_decision"))
@@ -239,6 +268,7 @@ def study(
     flags = {"params": params, "random": random, "n": n, "seed": seed, "device": device, "out": out,
              "data": {"dataset": dataset}, "train": {"epochs": epochs}, **executor_flags(workers, ray, ray_address)}
     cmd = _run(validate, StudyCommand, deep_update(base, flags))
+    _say_threads(progress)
     s = _run(run_study, cmd, resume=resume, progress=progress)
     console.print(summary_table(s))
     console.print(f"report: {s['run_dir']}/report.md")
@@ -289,6 +319,7 @@ def benchmark(
     if plan:
         _print_plan(_run(benchmark_plan, cmd, discordance=discordance, seed_sd=seed_sd))
         return
+    _say_threads(progress)
     _print_comparison(_run(benchmark_run, cmd, resume=resume, progress=progress))
 
 
