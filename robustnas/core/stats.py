@@ -22,6 +22,7 @@ used, so it excludes zero exactly when the verdict says "differ".
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Hashable, Optional, Sequence
 
 import numpy as np
@@ -304,6 +305,12 @@ def spending_levels(fractions: Sequence[float], alpha: float, grid: int = 801) -
     return np.array(levels)
 
 
+@lru_cache(maxsize=4096)
+def _last_level(fractions: tuple[float, ...], alpha: float) -> float:
+    """The level of the last of these looks (pairs looked at together share their fractions)."""
+    return float(spending_levels(fractions, alpha)[-1])
+
+
 def sequential_holm(looks: dict[Hashable, Sequence[tuple[float, float]]], alpha: float,
                     rejected: Optional[dict[Hashable, float]] = None) -> tuple[dict, dict]:
     """Holm's method over pairs that are each tested at group-sequential looks (Maurer & Bretz 2013):
@@ -318,7 +325,7 @@ def sequential_holm(looks: dict[Hashable, Sequence[tuple[float, float]]], alpha:
         if not still:
             return rejected, {}
         share = alpha / len(still)
-        levels = {k: float(spending_levels([f for f, _ in looks[k]], share)[-1]) for k in still}
+        levels = {k: _last_level(tuple(f for f, _ in looks[k]), share) for k in still}
         new = [k for k in still if looks[k][-1][1] < levels[k]]
         if not new:
             return rejected, levels
