@@ -307,17 +307,26 @@ def benchmark(
                                                     "calibrations) and the smallest detectable difference"),
     discordance: float = typer.Option(0.2, min=0.0, max=1.0, help="--plan: assumed share of test images on "
                                                                  "which two members disagree"),
-    seed_sd: float = typer.Option(0.0, min=0.0, help="--plan: assumed spread (sd) of one member's accuracy "
-                                                     "across seeds"),
+    seed_sd: Optional[float] = typer.Option(None, min=0.0, help="--plan: assumed spread (sd) of one member's "
+                                                                "accuracy across seeds (required with several "
+                                                                "seeds, unless --seed-sd-from)"),
+    seed_sd_from: Optional[str] = typer.Option(None, help="--plan: read the seed sd from a previous run's "
+                                                          "compare.json (or its directory)"),
 ) -> None:
     """Every search method and hand-crafted baseline on the same data, budget, recipe and attacks."""
     from robustnas.app.pipeline import BenchmarkCommand
-    from robustnas.app.pipeline import benchmark_plan, benchmark_run
+    from robustnas.app.pipeline import benchmark_plan, benchmark_run, power_plan, seed_sd_from as read_sd
 
     base = _run(load_yaml, config)
     cmd = _run(validate, BenchmarkCommand, deep_update(base, {"out": out, "seed": seed, "device": device}))
     if plan:
-        _print_plan(_run(benchmark_plan, cmd, discordance=discordance, seed_sd=seed_sd))
+        measured = _run(read_sd, seed_sd_from) if seed_sd_from else None
+        if measured:
+            console.print(f"seed sd {measured['seed_sd']:.4f}: root mean square over {measured['members']} "
+                          f"members with several seeds in {measured['source']}")
+        _print_power(_run(power_plan, cmd, discordance=discordance,
+                          seed_sd=measured["seed_sd"] if measured else seed_sd))
+        _print_plan(_run(benchmark_plan, cmd))
         return
     _say_threads(progress)
     _print_comparison(_run(benchmark_run, cmd, resume=resume, progress=progress))
@@ -336,9 +345,19 @@ def _print_plan(p: dict) -> None:
     timed = ", ".join(f"{m['label']} {m['timed_on']['clean']:.2f}/{m['timed_on']['robust']:.2f}" for m in p["members"])
     console.print(f"attacks timed on each network after a few PGD-AT steps (clean/robust accuracy: {timed}); "
                   f"a more robust final network costs more (AutoAttack attacks only the images still robust)")
+
+
+def _print_power(p: dict) -> None:
     a = p["assumed"]
+    sd = "" if a["seed_sd"] is None else f", seed sd {a['seed_sd']:.4g}"
+    if p["seeds"] == 2:
+        console.print(f"{p['seeds']} seeds per member: the report makes no seed-level verdict (seed variance is "
+                      f"not estimated from two); with {p['seeds_used']} seeds:")
+    elif p["seeds"] == 1:
+        console.print("one seed per member: a verdict is about the two trained networks, not the methods")
     console.print(f"smallest AutoAttack difference between two members detected with {p['power']:.0%} power "
-                  f"(paired test at {p['alpha']}; assumed discordance {a['discordance']}, seed sd {a['seed_sd']}): "
+                  f"({p['test']} at Holm's first step over {p['pairs']} pairs, level {p['alpha']}/{p['pairs']}; "
+                  f"assumed discordance {a['discordance']}{sd}): "
                   + ", ".join(f"{d:.3f} at n={n}" for n, d in p["detectable"].items()))
 
 

@@ -433,45 +433,59 @@ def member_eval(cmd: BenchmarkCommand) -> EvalConfig:
 
 
 def sequential_evaluation(dirs: list[Path], labels: list[str], chunk: int, max_n: int, batch_size: int = 256,
-                          device: str = "auto", seed: int = 0) -> list[dict]:
+                          device: str = "auto", seed: int = 0, alpha: float = 0.05) -> list[dict]:
     """Grow the members' per-image results `chunk` test images at a time (evaluate.extend_per_image) while
-    some pair's interval still holds zero and it has fewer than `max_n` images; a pair whose interval
-    excludes zero stops (early), as does one at `max_n` or out of test images. Returns each pair's stop:
-    {"a", "b", "n", "early", "why"}."""
+    some tested pair is undecided and has fewer than `max_n` images. After every chunk each tested pair (the
+    test compare's report uses, compare.paired_analysis) gets a look: its p-value against a Lan-DeMets
+    O'Brien-Fleming boundary at information fraction n / max_n, inside Holm's method over the tested pairs
+    (stats.sequential_holm). A rejected pair stops (early when below max_n), as does one at max_n or out of
+    test images; a pair without a test (a member with too few seeds) does not grow anything. Returns each
+    pair's stop: {"a", "b", "n", "early", "differ", "level", "p", "looks", "why"}; compare_runs(...,
+    sequential=) reports these verdicts."""
+    from robustnas.core.stats import sequential_holm
     from robustnas.results.compare import load_entry, paired_analysis
     from robustnas.evaluation.evaluate import extend_per_image, read_per_image
 
-    stops: dict[tuple[str, str], dict] = {}
+    looks: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    ns: dict[tuple[str, str], list[int]] = {}
+    untested: dict[tuple[str, str], dict] = {}
+    rejected: dict = {}
+    levels: dict = {}
     rows = {d: len(read_per_image(d)["index"]) for d in dirs}
     while True:
-        paired = paired_analysis([load_entry(d, lab) for d, lab in zip(dirs, labels)])
-        grow: set[str] = set()
+        paired = paired_analysis([load_entry(d, lab) for d, lab in zip(dirs, labels)], alpha=alpha)
         for pr in paired["pairs"]:
             key = tuple(sorted((pr["a"], pr["b"])))
-            if key in stops:
-                continue
-            if pr["excludes_zero"]:
-                stops[key] = {"a": key[0], "b": key[1], "n": pr["n"], "early": pr["n"] < max_n,
-                              "why": f"its interval [{pr['low']:+.3f}, {pr['high']:+.3f}] excludes zero"}
-            elif pr["n"] >= max_n:
-                stops[key] = {"a": key[0], "b": key[1], "n": pr["n"], "early": False,
-                              "why": f"reached the maximum n={max_n} with zero inside its interval"}
-            else:
-                grow |= {pr["a"], pr["b"]}
-        todo = [d for d, lab in zip(dirs, labels) if lab in grow and rows[d] < max_n]
+            if pr["p"] is None:
+                untested[key] = pr
+            elif key not in rejected and (key not in ns or pr["n"] > ns[key][-1]):  # a new look
+                looks.setdefault(key, []).append((pr["n"] / max_n, pr["p"]))
+                ns.setdefault(key, []).append(pr["n"])
+        rejected, levels = sequential_holm(looks, alpha, rejected)
+        grow = {lab for key in looks if key not in rejected and ns[key][-1] < max_n for lab in key}
         grown = False
-        for d in todo:
-            before = rows[d]
-            rows[d] = extend_per_image(d, min(chunk, max_n - rows[d]), batch_size=batch_size, device=device,
-                                       seed=seed)
-            grown |= rows[d] > before
+        for d, lab in zip(dirs, labels):
+            if lab in grow and rows[d] < max_n:
+                before = rows[d]
+                rows[d] = extend_per_image(d, min(chunk, max_n - rows[d]), batch_size=batch_size, device=device,
+                                           seed=seed)
+                grown |= rows[d] > before
         if not grown:
             break
-    for pr in paired["pairs"]:
-        key = tuple(sorted((pr["a"], pr["b"])))
-        stops.setdefault(key, {"a": key[0], "b": key[1], "n": pr["n"], "early": pr["n"] < max_n,
-                               "why": "the test set has no more images"})
-    return list(stops.values())
+    stops = []
+    for key, seen in looks.items():
+        n, p = ns[key][-1], seen[-1][1]
+        differ = key in rejected
+        level = rejected[key] if differ else levels[key]
+        why = (f"differs: p {p:.3g} below its look's level {level:.3g}" if differ else
+               f"reached the maximum n={max_n}: p {p:.3g} not below its level {level:.3g}" if n >= max_n else
+               f"the test set has no more images: p {p:.3g} not below its level {level:.3g}")
+        stops.append({"a": key[0], "b": key[1], "n": n, "early": differ and n < max_n, "differ": differ,
+                      "level": level, "p": p, "looks": [[k, q] for k, (_, q) in zip(ns[key], seen)], "why": why})
+    for key, pr in untested.items():
+        stops.append({"a": key[0], "b": key[1], "n": pr["n"], "early": False, "differ": None, "level": None,
+                      "p": None, "looks": [], "why": f"not grown: no seed-level test ({pr['why']})"})
+    return stops
 
 
 # ------------------------------------------------------------------------------------------ benchmark --plan
@@ -612,17 +626,52 @@ def _wall(seconds: list[float], workers: int) -> float:
     return max(free)
 
 
-def benchmark_plan(cmd: BenchmarkCommand, discordance: float = 0.2, seed_sd: float = 0.0, alpha: float = 0.05,
-                   power: float = 0.8) -> dict:
+def seed_sd_from(path: str | Path) -> dict:
+    """The seed sd a previous comparison measured: compare.json (or a directory holding it) -> the root mean
+    square of the sd over seeds of its members with several seeds ({"seed_sd", "members", "source"}). Each
+    member's sd is of its per-seed accuracies on that run's test images, so it also holds their image noise:
+    a little above the sd of the networks' accuracies, which makes the plan a little conservative."""
+    path = Path(path)
+    path = path / "compare.json" if path.is_dir() else path
+    if not path.is_file():
+        raise UserError(f"{path} not found: give a compare.json (or the directory of a benchmark or compare)")
+    members = [m for m in read_json(path).get("paired", {}).get("members", []) if m.get("sd") is not None]
+    if not members:
+        raise UserError(f"{path} has no member with several seeds: its seed sd cannot be read")
+    sd = (sum(m["sd"] ** 2 for m in members) / len(members)) ** 0.5
+    return {"seed_sd": sd, "members": len(members), "source": str(path)}
+
+
+def power_plan(cmd: BenchmarkCommand, discordance: float = 0.2, seed_sd: Optional[float] = None,
+               alpha: float = 0.05, power: float = 0.8) -> dict:
+    """The statistical part of `benchmark --plan`, without any training: the smallest AutoAttack difference
+    between two members that the report's test declares with `power` at Holm's first step over the config's
+    pairs (stats.detectable_difference), at n, 2n and 4n test images. `discordance` and `seed_sd` are the
+    user's assumptions (or measurements, seed_sd_from); with several seeds a seed sd is required."""
+    from robustnas.core.stats import MIN_SEEDS, detectable_difference
+
+    seeds = len(cmd.seed_list())
+    members = len(cmd.methods) + len(cmd.baselines)
+    pairs = max(members * (members - 1) // 2, 1)
+    if seeds > 1 and seed_sd is None:
+        raise UserError(f"the config has {seeds} seeds per member: give the spread of a member's accuracy across "
+                        "seeds (--seed-sd, an assumption, or --seed-sd-from a previous run's compare.json)")
+    n = cmd.evaluate.n
+    at = max(seeds, MIN_SEEDS)  # two seeds give no seed-level test: what three would detect instead
+    detect = {k: detectable_difference(k, at, discordance, seed_sd, alpha, power, pairs) for k in (n, 2 * n, 4 * n)}
+    return {"n": n, "seeds": seeds, "seeds_used": at, "members": members, "pairs": pairs, "detectable": detect,
+            "assumed": {"discordance": discordance, "seed_sd": seed_sd}, "alpha": alpha, "power": power,
+            "test": "McNemar (the two trained networks)" if at == 1 else "two-level t (the methods)"}
+
+
+def benchmark_plan(cmd: BenchmarkCommand) -> dict:
     """Before any work: each member's estimated wall time on this machine (search, training, attack, times the
-    seeds) from short timed calibrations, and the smallest AutoAttack difference between two members that the
-    chosen test images and seeds detect with `power` (stats.detectable_difference; `discordance` and `seed_sd`
-    are assumptions the user states). Writes nothing under the benchmark's directory."""
+    seeds) from short timed calibrations (the statistical part is power_plan). Writes nothing under the
+    benchmark's directory."""
     import tempfile
 
     from robustnas.evaluation.evaluate import get_attack
     from robustnas.nets.models import list_models
-    from robustnas.core.stats import detectable_difference
 
     for a in cmd.evaluate.attacks:
         get_attack(a)
@@ -673,11 +722,7 @@ def benchmark_plan(cmd: BenchmarkCommand, discordance: float = 0.2, seed_sd: flo
                 mem["total_s"] = len(seeds) * (mem["search_s"] + mem["train_s"] + mem["attack_s"])
     finally:
         torch.set_num_threads(threads)
-    n = cmd.evaluate.n
-    detect = {k: detectable_difference(k, len(seeds), discordance, seed_sd, alpha, power) for k in (n, 2 * n, 4 * n)}
     # the executor's order: every method's seeds, then every baseline's (benchmark_run's member list)
     jobs = [(m["total_s"] / len(seeds)) for m in members for _ in seeds]
-    return {"members": members, "total_s": sum(m["total_s"] for m in members), "n": n, "seeds": seeds,
-            "workers": workers, "wall_s": _wall(jobs, workers),
-            "detectable": detect, "assumed": {"discordance": discordance, "seed_sd": seed_sd},
-            "alpha": alpha, "power": power, "device": str(device)}
+    return {"members": members, "total_s": sum(m["total_s"] for m in members), "seeds": seeds,
+            "workers": workers, "wall_s": _wall(jobs, workers), "device": str(device)}

@@ -7,9 +7,12 @@ shown: a missing number (e.g. no AutoAttack in that run) is a dash, never a stan
 
 Runs evaluated on the same test images are compared image by image from their per_image.csv (nothing is
 attacked again): run directories given the same label are seeds of one member; members are ranked by the
-robust metric on the shared images, every pair gets a paired difference with its interval and p-value
-(McNemar exact with one seed each, the seeds x images bootstrap otherwise, robustnas.core.stats), Holm-corrected
-over all pairs, and the members that cannot be told apart from the best are marked.
+robust metric on the shared images and every pair gets a paired difference (robustnas.core.stats): McNemar
+exact with one seed each (a verdict about the two trained networks), the two-level t test with at least
+stats.MIN_SEEDS seeds each (about the methods), no test otherwise (each seed's paired result instead).
+Tested pairs are decided by Holm's method (or, after a sequential evaluation, by its group-sequential
+Holm), and each pair's interval is at the level its decision used, so that it excludes zero exactly when
+the verdict is "differ". The members that cannot be told apart from the best are marked.
 """
 
 from __future__ import annotations
@@ -162,11 +165,14 @@ def _common_metric(tables: Sequence[dict]) -> Optional[str]:
     return pgds[0] if pgds else None
 
 
-def paired_analysis(entries: Sequence[dict], alpha: float = 0.05, seed: int = 0) -> dict[str, Any]:
+def paired_analysis(entries: Sequence[dict], alpha: float = 0.05,
+                    sequential: Optional[Sequence[dict]] = None) -> dict[str, Any]:
     """Members (entries sharing a label are its seeds) compared from their per_image.csv: ranked on the test
     images all of them share, each pair on the images both share. Returns the metric, the shared n, each
-    member's summary in rank order, every pair (Holm-corrected), the group that cannot be told apart from the
-    best, and the unpaired runs with why."""
+    member's summary in rank order, every pair with its verdict (`decide`), the group that cannot be told
+    apart from the best, and the unpaired runs with why. `sequential`: the stops of a sequential evaluation
+    (pipeline.sequential_evaluation); a pair in it is analysed on the images it had at its last look and
+    keeps that look's verdict and level."""
     from robustnas.evaluation.evaluate import read_per_image
 
     unpaired: list[dict] = []
@@ -215,18 +221,20 @@ def paired_analysis(entries: Sequence[dict], alpha: float = 0.05, seed: int = 0)
     for label, runs in groups.items():
         members.append({"label": label, "handcrafted": runs[0][0]["method"] is None,
                         "run_dirs": [e["run_dir"] for e, _ in runs],
-                        **stats.seed_summary(correct([c for _, c in runs], shared), seed=seed)})
+                        **stats.seed_summary(correct([c for _, c in runs], shared))})
     members.sort(key=lambda m: -m["mean"])
+    stops = {frozenset((q["a"], q["b"])): q for q in sequential or []}
     pairs = []  # each pair on every image both members were evaluated on (sequential evaluation adds some)
     for i in range(len(members)):
         for j in range(i + 1, len(members)):
             a, b = ([c for _, c in groups[members[k]["label"]]] for k in (i, j))
             images = sorted(set.intersection(*(set(c) for c in a + b)))
-            r = stats.compare_members(correct(a, images), correct(b, images), seed=seed)
+            stop = stops.get(frozenset((members[i]["label"], members[j]["label"])))
+            if stop is not None:
+                images = images[:stop["n"]]
+            r = stats.compare_members(correct(a, images), correct(b, images))
             pairs.append({"a": members[i]["label"], "b": members[j]["label"], **r})
-    for pr, adj in zip(pairs, stats.holm([pr["p"] for pr in pairs])):
-        pr["p_holm"] = adj
-        pr["differ"] = adj < alpha
+    decide(pairs, alpha, stops if sequential is not None else None)
     best = members[0]["label"]
     group = [best] + [pr["b"] for pr in pairs if pr["a"] == best and not pr["differ"]]
     for m in members:
@@ -235,17 +243,39 @@ def paired_analysis(entries: Sequence[dict], alpha: float = 0.05, seed: int = 0)
             "best_group": group, "unpaired": unpaired}
 
 
+def decide(pairs: list[dict], alpha: float, stops: Optional[dict] = None) -> None:
+    """Each tested pair's verdict ("differ"), the test level that decided it ("level") and its interval at
+    1 - level ("low", "high"; it excludes zero exactly when the pair differs), in place. Without `stops`:
+    Holm's step-down over the tested pairs (also "p_holm", the adjusted p: differ exactly when < alpha).
+    With them: the verdict and level each pair's sequential evaluation reached. A pair without a test gets
+    None for all of these."""
+    tested = [pr for pr in pairs if pr["p"] is not None]
+    for pr in pairs:
+        if pr["p"] is None:
+            pr.update({"differ": None, "level": None, "low": None, "high": None, "p_holm": None})
+    if stops is None:
+        rejected, levels = stats.sequential_holm({k: [(1.0, pr["p"])] for k, pr in enumerate(tested)}, alpha)
+        for (k, pr), adj in zip(enumerate(tested), stats.holm([pr["p"] for pr in tested])):
+            pr.update({"differ": k in rejected, "level": rejected.get(k, levels.get(k)), "p_holm": adj})
+    else:
+        for pr in tested:
+            stop = stops[frozenset((pr["a"], pr["b"]))]
+            pr.update({"differ": stop["differ"], "level": stop["level"], "p_holm": None})
+    for pr in tested:
+        pr["low"], pr["high"] = stats.pair_interval(pr, 1 - pr["level"])
+
+
 def difference_to(paired: dict, reference: str) -> list[dict]:
     """Each member's difference to `reference` (member minus reference) with its interval, from the pairs."""
     out = []
     for pr in paired["pairs"]:
-        if reference not in (pr["a"], pr["b"]):
+        if reference not in (pr["a"], pr["b"]) or pr["differ"] is None:
             continue
         sign = 1 if pr["b"] == reference else -1
         other = pr["a"] if sign == 1 else pr["b"]
         lo, hi = (pr["low"], pr["high"]) if sign == 1 else (-pr["high"], -pr["low"])
         out.append({"label": other, "diff": sign * pr["diff"], "low": lo, "high": hi, "p_holm": pr["p_holm"],
-                    "differ": pr["differ"]})
+                    "level": pr["level"], "differ": pr["differ"], "scope": pr["scope"]})
     return out
 
 
@@ -269,10 +299,17 @@ def plot_forest(paired: dict, path: Path) -> Optional[Path]:
                     color="tab:red" if r["differ"] else "k", capsize=3)
     ax.axvline(0, color="grey", lw=0.8, ls="--")
     ax.set_yticks(range(len(rows)), [r["label"] for r in reversed(rows)], fontsize=7)
-    ax.set_xlabel(f"{paired['metric']} accuracy minus {ref}'s (95% interval, n={paired['n']})")
+    ax.set_xlabel(f"{paired['metric']} accuracy minus {ref}'s (interval at its verdict's level, n={paired['n']})")
     what = "the best hand-crafted baseline" if any(m["handcrafted"] for m in paired["members"]) else "the best member"
-    ax.set_title(f"difference to {what}, {ref} (red: Holm-significant)", fontsize=8)
+    ax.set_title(f"difference to {what}, {ref} (red: differs, Holm)", fontsize=8)
     return save(plt, fig, path)
+
+
+def _verdict(pr: dict) -> str:
+    if pr["differ"] is None:
+        return "no seed-level test"
+    said = "differ" if pr["differ"] else "cannot be told apart"
+    return said + (" (these two networks)" if pr["scope"] == "networks" else "")
 
 
 def paired_report(paired: dict, forest: Optional[Path]) -> list[str]:
@@ -284,43 +321,79 @@ def paired_report(paired: dict, forest: Optional[Path]) -> list[str]:
         lines.append("")
     if not paired["members"]:
         return lines + ["No two runs share per-image results; nothing is paired.", ""]
-    seeds = any(m["seeds"] > 1 for m in paired["members"])
+    pairs = paired["pairs"]
+    tested = [pr for pr in pairs if pr["differ"] is not None]
     lines += [f"{paired['metric']} accuracy on the {paired['n']} test images every paired run was evaluated on. "
-              f"Intervals are 95%: Wilson for one seed, a bootstrap over seeds and images for several. "
-              f"Pairs: McNemar's exact test (one seed each) or the seeds x images bootstrap, Holm-corrected over "
-              f"all {len(paired['pairs'])} pairs at {paired['alpha']}. "
-              "A difference smaller than its interval is not a result.", ""]
-    if seeds:
+              f"A member's interval is 95%: binomial (Wilson, Clopper-Pearson near 0 or n) for one seed, the "
+              f"two-level t interval (seeds, and images within each seed) for {stats.MIN_SEEDS} or more, none "
+              f"for two. Pairs: McNemar's exact test when both members have one seed, the two-level t test when "
+              f"both have {stats.MIN_SEEDS} or more; {len(tested)} of {len(pairs)} pairs tested, decided by "
+              f"Holm's method at {paired['alpha']}, each interval at the level its verdict used (*level*), so "
+              "it excludes zero exactly when the pair differs.", ""]
+    if any(pr["scope"] == "networks" for pr in pairs):
+        lines += ["**One seed per member:** a verdict marked *(these two networks)* is about the two trained "
+                  "networks evaluated here, not about the methods: their seed-to-seed spread is not measured, "
+                  "and other seeds may reverse the order.", ""]
+    if len(tested) < len(pairs):
+        lines += [f"**Seed variance cannot be estimated** for a member with fewer than {stats.MIN_SEEDS} seeds: "
+                  "pairs with such a member (other than one seed against one seed) get no seed-level verdict; "
+                  "each seed's paired image-level result is listed below for information (McNemar, unadjusted "
+                  "95%, about those two networks).", ""]
+    if any(m["seeds"] > 1 for m in paired["members"]):
         lines += ["Several seeds: each seed searched and trained its member anew, so the spread across seeds "
                   "includes the search's own variance.", ""]
     best = paired["members"][0]["label"]
-    lines += [f"| rank | member | seeds | {paired['metric']} | sd over seeds | 95% interval | vs {best} (Holm p) |",
+    lines += [f"| rank | member | seeds | {paired['metric']} | sd over seeds | 95% interval | vs {best} |",
               "|---|---|---|---|---|---|---|"]
+    by_pair = {frozenset((pr["a"], pr["b"])): pr for pr in pairs}
     vs_best = {r["label"]: r for r in difference_to(paired, best)}
     for rank, m in enumerate(paired["members"], 1):
         r = vs_best.get(m["label"])
-        cmp_ = "best" if r is None else (f"{r['diff']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}] "
-                                         f"(p={r['p_holm']:.3g}){'' if r['differ'] else ', cannot be told apart'}")
+        if m["label"] == best:
+            cmp_ = "best"
+        elif r is None:
+            pr = by_pair[frozenset((best, m["label"]))]
+            cmp_ = f"{-pr['diff']:+.3f} (no seed-level test)"
+        else:
+            p = f"Holm p={r['p_holm']:.3g}" if r["p_holm"] is not None else f"level {r['level']:.3g}"
+            cmp_ = (f"{r['diff']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}] ({p})"
+                    f"{'' if r['differ'] else ', cannot be told apart'}"
+                    f"{' (these two networks)' if r['scope'] == 'networks' else ''}")
         sd = "-" if m["sd"] is None else f"{m['sd']:.3f}"
+        iv = "-" if m["low"] is None else f"[{m['low']:.3f}, {m['high']:.3f}]"
         mark = " *" if m["with_best"] else ""
-        lines.append(f"| {rank} | {m['label']}{mark} | {m['seeds']} | {m['mean']:.3f} | {sd} | "
-                     f"[{m['low']:.3f}, {m['high']:.3f}] | {cmp_} |")
+        lines.append(f"| {rank} | {m['label']}{mark} | {m['seeds']} | {m['mean']:.3f} | {sd} | {iv} | {cmp_} |")
     group = paired["best_group"]
-    lines += ["", f"\\* cannot be told apart from the best ({best}): {', '.join(group)}." if len(group) > 1 else
-              f"\\* {best} is better than every other member (Holm-corrected).", ""]
-    if len(paired["pairs"]) > 1:
-        lines += ["| pair | n | difference | 95% interval | test | p | Holm p | |", "|---|---|---|---|---|---|---|---|"]
-        for pr in paired["pairs"]:
-            verdict = "differ" if pr["differ"] else "cannot be told apart"
+    lines += ["", f"\\* not shown to differ from the best ({best}): {', '.join(group)}." if len(group) > 1 else
+              f"\\* {best} differs from every other member (Holm).", ""]
+    if len(pairs) > 1 or len(tested) < len(pairs):
+        lines += ["| pair | n | difference | interval | level | test | p | Holm p | verdict |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for pr in pairs:
+            if pr["differ"] is None:
+                lines.append(f"| {pr['a']} - {pr['b']} | {pr['n']} | {pr['diff']:+.3f} | - | - | - | - | - | "
+                             f"no seed-level test: {pr['why']} |")
+                continue
+            holm_p = "-" if pr["p_holm"] is None else f"{pr['p_holm']:.3g}"
             lines.append(f"| {pr['a']} - {pr['b']} | {pr['n']} | {pr['diff']:+.3f} | [{pr['low']:+.3f}, "
-                         f"{pr['high']:+.3f}] | {pr['test']} | {pr['p']:.3g} | {pr['p_holm']:.3g} | {verdict} |")
+                         f"{pr['high']:+.3f}] | {pr['level']:.3g} | {pr['test']} | {pr['p']:.3g} | {holm_p} | "
+                         f"{_verdict(pr)} |")
+        lines.append("")
+    for pr in pairs:
+        for k, r in enumerate(pr.get("per_seed") or []):
+            lines.append(f"- {pr['a']} - {pr['b']}, seed {k + 1} of each: {r['diff']:+.3f} [{r['low']:+.3f}, "
+                         f"{r['high']:+.3f}] (McNemar p={r['p']:.3g}, unadjusted; these two networks)")
+    if any(pr.get("per_seed") for pr in pairs):
         lines.append("")
     if paired.get("sequential"):
-        lines += ["Sequential evaluation: images were attacked in chunks and a pair stopped growing once its "
-                  "(unadjusted) interval excluded zero or it reached the maximum n. Looking after every chunk "
-                  "makes the nominal level approximate (no alpha spending).", ""]
+        lines += ["Sequential evaluation: images were attacked in chunks, and after every chunk each pair still "
+                  "undecided was tested at a group-sequential boundary: Lan-DeMets O'Brien-Fleming-type alpha "
+                  "spending over the information fraction n / maximum n, inside Holm's method over the tested "
+                  "pairs (Maurer & Bretz 2013: a rejected pair's share of alpha passes to the others). A pair "
+                  "stopped once rejected, at the maximum n, or when the test set ran out; its row above is its "
+                  "last look (the interval at that look's level is a repeated confidence interval).", ""]
         lines += [f"- {q['a']} vs {q['b']}: stopped at n={q['n']}"
-                  f"{' (early)' if q['early'] else ''}: {q['why']}" for q in paired["sequential"]]
+                  f"{' (early)' if q.get('early') else ''}: {q['why']}" for q in paired["sequential"]]
         lines.append("")
     if forest:
         lines += [f"![difference to the best hand-crafted baseline](plots/{forest.name})", ""]
@@ -354,7 +427,7 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path, labels: Option
     p = plot_pareto(entries, out / "plots" / "pareto.png")
     if p:
         lines += [f"![pareto](plots/{p.name})", ""]
-    paired = paired_analysis(entries, alpha=alpha)
+    paired = paired_analysis(entries, alpha=alpha, sequential=sequential)
     if sequential is not None:
         paired["sequential"] = list(sequential)
     lines += paired_report(paired, plot_forest(paired, out / "plots" / "forest.png"))
