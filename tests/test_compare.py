@@ -1,6 +1,7 @@
 """`robustnas benchmark` and `robustnas compare` at test size: every member at one budget, one report."""
 
 import json
+from pathlib import Path
 import os
 
 import pytest
@@ -57,6 +58,13 @@ def test_benchmark_runs_every_member_within_the_budget_and_writes_one_report(ben
         row = next(line for line in section.splitlines() if line.startswith(f"| {label} |"))
         assert row.rstrip(" |").endswith("yes" if decided else "**no**")
     assert "| cnn (hand-crafted) |" not in section
+    # one convergence line per member, from its train.jsonl
+    conv = report.split("**Training convergence**")[1].split("\n\n")[1].splitlines()
+    assert sorted(line.split(":")[0] for line in conv) == sorted(f"- {label}" for label in labels), conv
+    cnn_dir = Path(next(e["run_dir"] for e in data["entries"] if e["label"] == "cnn (hand-crafted)"))
+    cnn_epochs = len((cnn_dir / "train.jsonl").read_text().splitlines())
+    cnn_line = next(line for line in conv if line.startswith("- cnn (hand-crafted):"))
+    assert ("robust validation accuracy" in cnn_line) == (cnn_epochs >= 2), (cnn_epochs, cnn_line)
 
 
 def test_benchmark_resume_does_not_redo_finished_members(bench, tmp_path):

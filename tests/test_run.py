@@ -7,6 +7,7 @@ import yaml
 from typer.testing import CliRunner
 
 from robustnas.app.cli import app
+from robustnas.evaluation.evaluate import read_per_image
 from robustnas.nets.genotypes import load_genotype
 
 
@@ -50,6 +51,16 @@ def test_run_writes_the_run_directory_and_a_side_by_side_report(tmp_path):
     assert 0 <= searched["worst_case_acc"] <= min(robust.values()) <= max(robust.values()) <= searched["clean_acc"]
     report = (run / "report.md").read_text()
     assert "hand-crafted (cnn)" in report and "Operations by cell position" in report
+    # the paired comparison counts the images each network alone survives, from the two per_image.csv files
+    a, b = read_per_image(run), read_per_image(run / "baseline")
+    assert (a["index"] == b["index"]).all()
+    only_searched, only_baseline = int((a["pgd20"] & ~b["pgd20"]).sum()), int((~a["pgd20"] & b["pgd20"]).sum())
+    assert (f"broken only for the baseline {only_searched}, only for the searched network {only_baseline}"
+            in report), report
+    assert "not the search method" in report
+    # one epoch each here: nothing to compare the last epoch with
+    assert "- searched: convergence unknown (fewer than 2 validated epochs)" in report
+    assert "- baseline: convergence unknown (fewer than 2 validated epochs)" in report
     for kind in ("accurate", "robust", "reduce"):
         assert f"plots/cell_{kind}.png" in report and (run / "plots" / f"cell_{kind}.png").exists()
     history = [json.loads(line) for line in (run / "search.jsonl").read_text().splitlines()]

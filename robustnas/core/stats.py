@@ -368,3 +368,14 @@ def detectable_difference(n: int, seeds: int = 1, discordance: float = 0.2, seed
 
     return max(detectable((seed_sd ** 2 + discordance / (2 * n)) / seeds, 0.0),
                detectable(seed_sd ** 2 / seeds, discordance / n))
+
+
+def newcombe_difference(k1: int, n1: int, k2: int, n2: int, level: float = LEVEL) -> tuple[float, float, float]:
+    """p2 - p1 and Newcombe's hybrid score interval (method 10, 1998) for two independent proportions, from
+    each one's `binom_interval`. For two measurements on the same images (positively correlated) it is wider
+    than an interval that used the pairing, so a difference it excludes 0 for is there."""
+    p1, p2 = k1 / n1, k2 / n2
+    l1, u1 = binom_interval(k1, n1, level=level)
+    l2, u2 = binom_interval(k2, n2, level=level)
+    d = p2 - p1
+    return d, d - math.sqrt((p2 - l2) ** 2 + (u1 - p1) ** 2), d + math.sqrt((u2 - p2) ** 2 + (p1 - l1) ** 2)

@@ -121,3 +121,33 @@ def search_decision(alphas: Optional[dict] = None, acc: Optional[float] = None, 
         return {}  # nothing measured: no verdict either way
     out["decided"] = not out["warnings"]
     return out
+
+
+def training_convergence(history: Sequence[dict], val_n: int, level: float = 0.95) -> dict:
+    """Had a training run stopped improving? Its robust validation accuracy (the same `val_n` images and attack
+    noise every epoch) at the last epoch against epoch ceil(E/2), with Newcombe's interval of the gain
+    (stats.newcombe_difference, which ignores that the images are the same: wide rather than narrow).
+    "still improving" when the interval lies above 0; otherwise "no gain shown over the second half" (the
+    interval says how large a gain is still possible). Fewer than 2 epochs: "unknown"."""
+    from robustnas.core.stats import newcombe_difference
+
+    rows = [h for h in history if h.get("val_robust") is not None]
+    if len(rows) < 2 or val_n <= 0:
+        return {"status": "unknown", "epochs": len(rows), "why": "fewer than 2 validated epochs"}
+    mid, last = rows[math.ceil(len(rows) / 2) - 1], rows[-1]
+    k_mid, k_last = round(mid["val_robust"] * val_n), round(last["val_robust"] * val_n)
+    gain, lo, hi = newcombe_difference(k_mid, val_n, k_last, val_n, level)
+    return {"status": "still improving" if lo > 0 else "no gain shown over the second half",
+            "epochs": len(rows), "mid_epoch": mid.get("epoch"), "last_epoch": last.get("epoch"),
+            "mid": mid["val_robust"], "last": last["val_robust"], "gain": gain, "low": lo, "high": hi,
+            "val_n": val_n, "level": level}
+
+
+def convergence_line(label: str, c: dict) -> str:
+    """One line of a report on a training's convergence (`training_convergence`)."""
+    if c["status"] == "unknown":
+        return f"- {label}: convergence unknown ({c['why']})"
+    mark = "**still improving**" if c["status"] == "still improving" else c["status"]
+    return (f"- {label}: robust validation accuracy {c['mid']:.3f} at epoch {c['mid_epoch']} -> {c['last']:.3f} at "
+            f"epoch {c['last_epoch']} (n = {c['val_n']}; gain {c['gain']:+.3f}, {c['level']:.0%} interval "
+            f"[{c['low']:+.3f}, {c['high']:+.3f}]): {mark}")

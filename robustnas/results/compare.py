@@ -17,6 +17,7 @@ the verdict is "differ". The members that cannot be told apart from the best are
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -24,7 +25,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from robustnas.core import stats
-from robustnas.evaluation.analysis import hrs, op_by_position, pareto_front
+from robustnas.evaluation.analysis import convergence_line, hrs, op_by_position, pareto_front, training_convergence
 from robustnas.core.config import load_yaml
 from robustnas.core.errors import UserError
 from robustnas.core.rundir import atomic_write_text, read_json, write_json
@@ -43,6 +44,19 @@ def robust_metric(metrics: dict) -> tuple[Optional[float], str]:
                   key=lambda k: -int(k[3:]))
     found = metric_value(metrics, f"{RANKED_BY[0]}_acc", [*RANKED_BY[1:], *pgds])
     return (found[0], found[1].removesuffix("_acc")) if found else (None, "-")
+
+
+def run_convergence(run: Path) -> dict:
+    """Whether the run's final training had stopped improving (analysis.training_convergence), from its
+    train.jsonl; "unknown" without one or for records that did not keep their validation size."""
+    path = run / "train.jsonl"
+    if not path.is_file():
+        return {"status": "unknown", "epochs": 0, "why": "no train.jsonl"}
+    history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    val_n = min((h.get("val_n", 0) for h in history), default=0)
+    if not val_n:
+        return {"status": "unknown", "epochs": len(history), "why": "train.jsonl predates its validation size"}
+    return training_convergence(history, val_n)
 
 
 def load_entry(run_dir: str | Path, label: Optional[str] = None) -> dict[str, Any]:
@@ -68,6 +82,7 @@ def load_entry(run_dir: str | Path, label: Optional[str] = None) -> dict[str, An
         "params": m.get("params"), "flops": m.get("flops"), "search_seconds": m.get("search_seconds"),
         "reliable": m.get("reliable", True), "norm": m.get("norm", "Linf"), "seed": cfg.get("seed"),
         "intervals": m.get("intervals"),
+        "convergence": run_convergence(run),
     }
     if method is not None:
         entry["genotype"] = read_json(run / "genotype.json")
@@ -221,6 +236,8 @@ def paired_analysis(entries: Sequence[dict], alpha: float = 0.05,
     for label, runs in groups.items():
         members.append({"label": label, "handcrafted": runs[0][0]["method"] is None,
                         "run_dirs": [e["run_dir"] for e, _ in runs],
+                        "convergence": [e.get("convergence") or {"status": "unknown", "why": "not read"}
+                                        for e, _ in runs],
                         **stats.seed_summary(correct([c for _, c in runs], shared))})
     members.sort(key=lambda m: -m["mean"])
     stops = {frozenset((q["a"], q["b"])): q for q in sequential or []}
@@ -364,6 +381,14 @@ def paired_report(paired: dict, forest: Optional[Path]) -> list[str]:
         mark = " *" if m["with_best"] else ""
         lines.append(f"| {rank} | {m['label']}{mark} | {m['seeds']} | {m['mean']:.3f} | {sd} | {iv} | {cmp_} |")
     group = paired["best_group"]
+    conv = [(f"{m['label']}{f' (seed {k + 1})' if len(m['convergence']) > 1 else ''}", c)
+            for m in paired["members"] for k, c in enumerate(m["convergence"])]
+    still = [lab for lab, c in conv if c["status"] == "still improving"]
+    lines += ["", "**Training convergence** (each member's final training: robust validation accuracy at the last "
+              "epoch against the middle one): " + (f"{len(still)} of {len(conv)} still improving: a ranking may "
+              "measure how fast each learns rather than how robust it ends up." if still else
+              f"none of {len(conv)} shown to be still improving."), ""]
+    lines += [convergence_line(lab, c) for lab, c in conv]
     lines += ["", f"\\* not shown to differ from the best ({best}): {', '.join(group)}." if len(group) > 1 else
               f"\\* {best} differs from every other member (Holm).", ""]
     if len(pairs) > 1 or len(tested) < len(pairs):

@@ -6,6 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+
+from robustnas.core import stats
 from robustnas.core.rundir import atomic_write_text, save_figure
 from robustnas.evaluation.report import render_markdown
 
@@ -100,6 +103,47 @@ def decision_section(decision: dict) -> list[str]:
     return lines + [""]
 
 
+def _with_interval(m: dict, key: str, value: Optional[float]) -> str:
+    """An accuracy with its 95% interval from metrics["intervals"] ("-" when absent)."""
+    if value is None or value != value:
+        return "-"
+    iv = m.get("intervals", {})
+    iv = iv.get("robust_acc", {}).get(key) if key not in ("clean_acc", "autoattack_acc") else iv.get(key)
+    return f"{value:.3f} [{iv[0]:.3f}, {iv[1]:.3f}]" if iv else f"{value:.3f}"
+
+
+def paired_section(out: Path, searched: dict, baseline: dict, level: float = 0.95) -> list[str]:
+    """The searched network against the baseline on the test images both were evaluated on (their
+    per_image.csv): McNemar's exact test on the ranking metric (AutoAttack where both have it) and the interval
+    that is its dual, so the interval excludes 0 exactly when the verdict says they differ. One seed each: the
+    verdict is about these two trained networks, not about the method against the architecture."""
+    from robustnas.evaluation.evaluate import read_per_image
+    from robustnas.results.compare import _common_metric
+
+    a, b = read_per_image(out), read_per_image(out / "baseline")
+    if a is None or b is None:
+        return ["No paired comparison: a per_image.csv is missing.", ""]
+    metric = _common_metric([a, b])
+    if metric is None:
+        return ["No paired comparison: the two were not evaluated with a common attack.", ""]
+    col = {int(i): bool(c) for i, c in zip(a["index"], a[metric])}
+    shared = [(col[int(i)], bool(c)) for i, c in zip(b["index"], b[metric]) if int(i) in col]
+    if not shared:
+        return ["No paired comparison: no test image is shared.", ""]
+    sa, sb = np.array([[x for x, _ in shared]]), np.array([[y for _, y in shared]])
+    r = stats.compare_members(sa, sb)
+    lo, hi = stats.pair_interval(r, level)
+    differ = r["p"] < 1 - level
+    verdict = ("the searched network is more robust" if r["diff"] > 0 else "the baseline is more robust") \
+        if differ else "they cannot be told apart"
+    return ["## Searched against hand-crafted, paired", "",
+            f"{metric} on the {r['n']} test images both were attacked on: difference (searched - baseline) "
+            f"{r['diff']:+.3f}, {level:.0%} interval [{lo:+.3f}, {hi:+.3f}]; broken only for the baseline "
+            f"{r['a_only']}, only for the searched network {r['b_only']}; McNemar exact p = {r['p']:.3g}: "
+            f"**{verdict}**. One seed each: this compares these two trained networks on these images, not the "
+            f"search method against the architecture (that needs 3 or more seeds each: `robustnas benchmark`).", ""]
+
+
 def write_search_run_report(out: str | Path, cmd, result, searched: dict, baseline: Optional[dict],
                             strategy=None, meta=None) -> Path:
     """report.md of `robustnas run`: searched vs hand-crafted, the cells, alphas over epochs, op table, and
@@ -122,17 +166,26 @@ def write_search_run_report(out: str | Path, cmd, result, searched: dict, baseli
     lines += decision_section(decision)
     rows = [("searched (" + cmd.method + ")", searched)] + ([(f"hand-crafted ({cmd.baseline.arch})", baseline)]
                                                            if baseline else [])
-    lines += ["| model | clean | PGD-20 | AutoAttack | certified | HRS | params | FLOPs |",
+    lines += ["Accuracies with their 95% interval [low, high].", "",
+              "| model | clean | PGD-20 | AutoAttack | certified | HRS | params | FLOPs |",
               "|---|---|---|---|---|---|---|---|"]
     for label, m in rows:
         ra = m.get("robust_acc", {})
         cert = m.get("certified", {})
         cert_text = ", ".join(f"{k} {v['acc'] if isinstance(v, dict) else v:.3f}" for k, v in cert.items()) or "-"
-        aa = m.get("autoattack_acc")
-        lines.append(f"| {label} | {m.get('clean_acc', 0):.3f} | {ra.get('pgd20', float('nan')):.3f} | "
-                     f"{'-' if aa is None else f'{aa:.3f}'} | {cert_text} | {m.get('hrs', float('nan')):.3f} | "
-                     f"{m.get('params')} | {m.get('flops')} |")
+        lines.append(f"| {label} | {_with_interval(m, 'clean_acc', m.get('clean_acc'))} | "
+                     f"{_with_interval(m, 'pgd20', ra.get('pgd20'))} | "
+                     f"{_with_interval(m, 'autoattack_acc', m.get('autoattack_acc'))} | {cert_text} | "
+                     f"{m.get('hrs', float('nan')):.3f} | {m.get('params')} | {m.get('flops')} |")
     lines.append("")
+    if baseline:
+        lines += paired_section(out, searched, baseline)
+    from robustnas.evaluation.analysis import convergence_line
+    from robustnas.results.compare import run_convergence
+
+    lines += ["Training convergence (robust validation accuracy at the last epoch against the middle one):", ""]
+    lines += [convergence_line(label, run_convergence(d)) for label, d in
+              [("searched", out)] + ([("baseline", out / "baseline")] if baseline else [])] + [""]
     if isinstance(g, Genotype):
         lines += ["## Searched cells", ""]
         for kind in CELL_KINDS[g.space]:

@@ -56,6 +56,7 @@ class EpochLog:
     val_robust: float
     seconds: float
     images_per_s: float
+    val_n: int = 0  # images val_clean / val_robust were measured on (0: a record from before it was kept)
 
 
 @dataclass
@@ -198,4 +199,4 @@ class Trainer:
         val_clean, val_rob = self.validate()
         return asdict(EpochLog(epoch, lr_at(cfg, (epoch + 1) * spe - 1, total, spe), loss_sum.item() / seen,
                                correct.item() / seen, val_clean, val_rob, time.perf_counter() - t0,
-                               seen / train_seconds))
+                               seen / train_seconds, min(cfg.val_n, len(self.data.val.x))))
