@@ -8,7 +8,8 @@ the demo-sized DARTS network, darts_v2 C=8, 5 cells, 28x28, batch 64) in fresh p
 alone and beside one busy single-threaded process, and prints img/s and the slowdown beside the busy process
 (`slowdown <setting> <x.xx>`, alone / beside). The settings:
 
-- `spin`: libgomp's default (OMP_WAIT_POLICY unset: spin up to 300,000 iterations at a barrier), 2 threads
+- `spin`: libgomp's default when OMP_WAIT_POLICY is unset (spin up to 300,000 iterations at a barrier), 2
+  threads; GOMP_SPINCOUNT=300000 says so explicitly, since `import robustnas` would otherwise set PASSIVE
 - `passive`: OMP_WAIT_POLICY=PASSIVE (sleep at once), 2 threads
 - `1thread`: one torch thread (no barriers to wait at)
 - `default`: what `import robustnas` sets when the variables are unset (robustnas/__init__.py)
@@ -28,7 +29,7 @@ import sys
 import time
 
 SETTINGS = {
-    "spin": {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None, "threads": "2"},
+    "spin": {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "300000", "threads": "2"},
     "passive": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": None, "threads": "2"},
     "1thread": {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None, "threads": "1"},
     "default": {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None, "threads": ""},
