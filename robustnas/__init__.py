@@ -10,3 +10,14 @@ import os as _os
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
+__all__ = ["evaluate", "Evaluation"]
+
+
+def __getattr__(name: str):
+    """robustnas.evaluate / robustnas.Evaluation (app/api.py), imported on first use so that `import robustnas`
+    stays light and sets the OpenMP policy above before torch loads."""
+    if name in __all__:
+        from robustnas.app import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'robustnas' has no attribute {name!r}")

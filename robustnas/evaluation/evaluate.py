@@ -616,8 +616,6 @@ def evaluate_run(
     """Evaluate the model of a run directory on the first n test images of its dataset, at the run's eps
     unless told; write metrics.json (the training section kept), per_image.csv, report.md and plots/, return
     the metrics. `fold_bn=False` attacks the model as it is instead of its BatchNorm-folded copy."""
-    from robustnas.evaluation.report import write_run_report
-    from robustnas.core.rundir import atomic_write_text, write_json
     from robustnas.training.trainer import resolve_device
 
     run_dir = Path(run_dir)
@@ -645,13 +643,24 @@ def evaluate_run(
     if transfer_from is not None:
         metrics["transfer_from"] = str(transfer_from)
     metrics["dataset"] = data.meta.name
-    merged = {**old, **metrics}  # the training section (and anything else already there) is kept
+    return write_evaluation(run_dir, {**old, **metrics}, y, per_image, log)  # the training section is kept
+
+
+def write_evaluation(run_dir: str | Path, metrics: dict, y: Tensor, per_image: dict[str, Tensor],
+                     log: Sequence[str] = ()) -> dict:
+    """An evaluation's files in `run_dir`: evaluate.log (pyautoattack's lines, if any), per_image.csv,
+    report.md with plots/, and metrics.json last (its presence marks the evaluation as finished)."""
+    from robustnas.core.rundir import atomic_write_text, write_json
+    from robustnas.evaluation.report import write_run_report
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     if log:
         atomic_write_text(run_dir / "evaluate.log", "\n".join(log) + "\n")
-    merged["per_image"] = write_per_image(run_dir, y, per_image).name
-    write_run_report(run_dir, merged)
-    write_json(run_dir / "metrics.json", merged)
-    return merged
+    metrics = {**metrics, "per_image": write_per_image(run_dir, y, per_image).name}
+    write_run_report(run_dir, metrics)
+    write_json(run_dir / "metrics.json", metrics)
+    return metrics
 
 
 def extend_per_image(run_dir: str | Path, count: int, batch_size: int = 256, device: str = "auto",
