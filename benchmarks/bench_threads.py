@@ -10,6 +10,7 @@ alone and beside one busy single-threaded process, and prints img/s and the slow
 
 - `spin`: libgomp's default when OMP_WAIT_POLICY is unset (spin up to 300,000 iterations at a barrier), 2
   threads; GOMP_SPINCOUNT=300000 says so explicitly, since `import robustnas` would otherwise set PASSIVE
+- `spin10k`, `spin1k`, `spin100`: spin 10,000 / 1,000 / 100 iterations, then sleep (GOMP_SPINCOUNT), 2 threads
 - `passive`: OMP_WAIT_POLICY=PASSIVE (sleep at once), 2 threads
 - `1thread`: one torch thread (no barriers to wait at)
 - `default`: what `import robustnas` sets when the variables are unset (robustnas/__init__.py)
@@ -30,6 +31,9 @@ import time
 
 SETTINGS = {
     "spin": {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "300000", "threads": "2"},
+    "spin10k": {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "10000", "threads": "2"},
+    "spin1k": {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "1000", "threads": "2"},
+    "spin100": {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "100", "threads": "2"},
     "passive": {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": None, "threads": "2"},
     "1thread": {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None, "threads": "1"},
     "default": {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None, "threads": ""},

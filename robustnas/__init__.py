@@ -4,8 +4,8 @@ import os as _os
 
 # OpenMP's worker threads sleep when a parallel region ends instead of spinning (libgomp's default spins up to
 # 300,000 iterations). These networks run thousands of tiny parallel regions a step, and beside one busy
-# process on 2 cores the spinning made a 2-thread run 5.6x slower, passive 1.25x (benchmarks/bench_threads.py,
-# docs/performance.md). libgomp reads the variable when torch loads it, so it is set here, before any import
+# process on 2 cores the spinning made a 2-thread run 2.8-4.9x slower, passive 1.1-1.2x; idle, passive costs
+# 17-35% (benchmarks/bench_threads.py, docs/performance.md; GOMP_SPINCOUNT=300000 restores the spinning). libgomp reads the variable when torch loads it, so it is set here, before any import
 # of torch by this package; a value the user set wins.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
