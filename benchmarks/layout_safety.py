@@ -18,7 +18,8 @@ float64 NCHW reference. It prints one line per class and layout: cases, worst re
 children, and the failing shapes. `--model` runs the models' own path: every class the networks build
 (`robustnas.nets.models.base.PointwiseConv2d` for strided 1x1 convs) must pass in channels_last.
 
-    python benchmarks/layout_safety.py            # the sweep (about a minute on 2 cores)
+    python benchmarks/layout_safety.py            # the sweep (6 min here with one class hung 30-60 s and a
+                                                  # stray process beside it)
 """
 
 from __future__ import annotations
