@@ -394,6 +394,36 @@ def archive(
     console.print(out)
 
 
+@app.command()
+def predictors(
+    table: list[str] = typer.Option(..., "--table", help="ground truth in Tiny-RobustBench format (JSON list); "
+                                                       "may repeat"),
+    fit_on: list[str] = typer.Option([], "--fit-on", help="table(s) the surrogate is fitted on, never scored; "
+                                                         "may repeat"),
+    init: bool = typer.Option(False, "--init", help="also the network-at-init predictors (synflow, snip, grad_norm, "
+                                                    "jacobian_norm, input_grad_norm; about 4 CPU s per network)"),
+    boot: int = typer.Option(1000, help="bootstrap resamples per interval"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Kendall tau and Spearman rho of each robustness predictor against a table's robust and clean accuracy,
+    with 95% bootstrap intervals; prints last one `tau <name> <value>` line per predictor (robust accuracy)."""
+    from robustnas.evaluation.predictors import run_predictors
+
+    r = _run(run_predictors, table, fit_on, init=init, n_boot=boot, seed=seed)
+    out = Table("predictor", "kind", "tau robust", "rho robust", "tau clean", "rho clean", "CPU s / net",
+                box=box.SIMPLE_HEAD,
+                title=f"{r['n']} networks, 95% bootstrap intervals ({boot} resamples)")
+    for e in r["results"] + [r["reference"]]:
+        out.add_row(e["name"], e["kind"], *(str(e[k]) if k in e else "-"
+                                            for k in ("tau_robust", "rho_robust", "tau_clean", "rho_clean")),
+                    "-" if e.get("seconds") is None else f"{e['seconds']:.3g}")
+    console.print(out)
+    for note in r["notes"]:
+        console.print(note)
+    for e in r["results"]:
+        print(f"tau {e['name']} {e['tau_robust'].value:.3f}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 
