@@ -399,16 +399,17 @@ def run_predictors(tables: Sequence[str | Path], fit_on: Sequence[str | Path] = 
     if fit_on:
         fit_rows = [r for f in fit_on for r in read_table(f)]
         surrogate = fit_surrogate(fit_rows, rows, seed)
-        scored["surrogate"] = surrogate.score(rows), None
+        surrogate_scores = surrogate.score(rows)
         notes.append(f"surrogate: a random forest fitted on {surrogate.n} rows of {len(fit_on)} --fit-on file(s) "
                      f"({len(fit_rows) - surrogate.n} left out: their genotype is among the scored rows)")
     elif len(per_table) > 1:
-        scored["surrogate"] = np.concatenate(leave_one_file_out(per_table, seed)), None
+        surrogate_scores = np.concatenate(leave_one_file_out(per_table, seed))
         notes.append(f"surrogate: each of the {len(per_table)} tables scored by a random forest fitted on the others")
     else:
+        surrogate_scores = None
         notes.append("no surrogate: give --fit-on files (or several --table files to cross-validate it)")
-    if "surrogate" in scored:
-        scored["surrogate"] = scored["surrogate"][0], (time.process_time() - start) / len(rows)
+    if surrogate_scores is not None:
+        scored["surrogate"] = surrogate_scores, (time.process_time() - start) / len(rows)
     results = []
     for name, (values, cost) in scored.items():
         kind = "surrogate" if name == "surrogate" else PREDICTORS[name].kind
